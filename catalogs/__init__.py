@@ -1,0 +1,1 @@
+"""catalogs: see DESIGN.md; built by later issues."""

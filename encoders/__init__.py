@@ -1,0 +1,1 @@
+"""encoders: see DESIGN.md; built by later issues."""

@@ -1,0 +1,1 @@
+"""The build DAG and the `near` CLI."""

@@ -1,0 +1,56 @@
+"""LDR previews: tone-map each pass to 8-bit and tile the views into one contact sheet per pass."""
+
+import math
+import os
+
+import numpy as np
+from PIL import Image
+
+BACKGROUND = 0.18
+"""Mid-grey behind transparent pixels, so dark and bright objects both read."""
+
+
+def _srgb(linear: np.ndarray) -> np.ndarray:
+    x = np.clip(linear, 0.0, 1.0)
+    return np.where(x <= 0.0031308, 12.92 * x, 1.055 * np.power(x, 1.0 / 2.4) - 0.055)
+
+
+def to_ldr(pass_name: str, data: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 preview of one pass. `data` is (H, W) or (H, W, C) linear float; `alpha` (H, W)."""
+    data = data.astype(np.float32)
+    a = alpha.astype(np.float32)[..., None]
+    if pass_name == "depth":
+        valid = alpha > 0
+        near, far = (np.percentile(data[valid], [1, 99]) if valid.any() else (0.0, 1.0))
+        grey = np.where(valid, 1.0 - 0.8 * np.clip((data - near) / max(far - near, 1e-6), 0, 1), 0.0)
+        rgb = np.repeat(grey[..., None], 3, axis=2)
+    elif pass_name == "normal":
+        rgb = 0.5 * (data[..., :3] + 1.0)
+    elif pass_name in ("beauty", "basecolor"):
+        rgb = _srgb(data[..., :3])
+    else:  # alpha, roughness, metallic, shadow: one channel shown as grey
+        rgb = np.repeat(np.clip(data if data.ndim == 2 else data.mean(-1), 0, 1)[..., None], 3, axis=2)
+    composited = rgb * a + BACKGROUND * (1.0 - a)
+    return (np.clip(composited, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def tile(image: np.ndarray, size_px: int) -> np.ndarray:
+    """Area-downsample an (H, W, 3) uint8 preview to a square tile."""
+    if image.shape[0] == size_px:
+        return image
+    return np.asarray(Image.fromarray(image).resize((size_px, size_px), Image.Resampling.BOX))
+
+
+def write_contact_sheet(path: str | os.PathLike[str], tiles: list[np.ndarray], *, gap_px: int = 2) -> None:
+    """Tile (t, t, 3) uint8 previews row-major into a near-square grid PNG."""
+    if not tiles:
+        raise ValueError("a contact sheet needs at least one tile")
+    t = tiles[0].shape[0]
+    cols = math.ceil(math.sqrt(len(tiles)))
+    rows = math.ceil(len(tiles) / cols)
+    sheet = np.full((rows * (t + gap_px) + gap_px, cols * (t + gap_px) + gap_px, 3), 255, dtype=np.uint8)
+    for i, image in enumerate(tiles):
+        r, c = divmod(i, cols)
+        y, x = gap_px + r * (t + gap_px), gap_px + c * (t + gap_px)
+        sheet[y : y + t, x : x + t] = image
+    Image.fromarray(sheet).save(path, optimize=True)

@@ -1,0 +1,26 @@
+"""OpenEXR files as dicts of named float channels (both envs; OpenEXR's own bindings)."""
+
+import os
+
+import numpy as np
+import OpenEXR
+
+_VIEW_LAYER_PREFIX = "ViewLayer."
+
+
+def read_channels(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Every channel of every part, (H, W) each, row 0 at the top; Blender's view-layer prefix stripped."""
+    channels = {}
+    with OpenEXR.File(str(path), separate_channels=True) as exr:
+        for part in exr.parts:
+            for name, channel in part.channels.items():
+                channels[name.removeprefix(_VIEW_LAYER_PREFIX)] = channel.pixels
+    return channels
+
+
+def write_channels(path: str | os.PathLike[str], channels: dict[str, np.ndarray]) -> None:
+    """One single-part, ZIP-compressed EXR; each channel keeps its dtype (float16 -> HALF, float32 -> FLOAT)."""
+    header = {"compression": OpenEXR.ZIP_COMPRESSION, "type": OpenEXR.scanlineimage}
+    arrays = {name: np.ascontiguousarray(array) for name, array in channels.items()}
+    with OpenEXR.File(header, arrays) as exr:
+        exr.write(str(path))

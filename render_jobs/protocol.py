@@ -1,0 +1,75 @@
+"""The supervisor <-> render child protocol: one JSON object per line over a private pipe.
+
+Both sides import this module (main env and render env), so it is stdlib only.
+"""
+
+import dataclasses
+import json
+from typing import Any, Literal, Self
+
+Status = Literal["ok", "failed"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderRequest:
+    """Render one asset with one recipe into `out_dir` (created atomically: it appears only when complete)."""
+
+    asset_path: str
+    out_dir: str
+    source_id: str
+    """sha256 of the asset's bytes; seeds cameras and lights."""
+    recipe: dict[str, Any]
+    """A `RecipeConfig` as a dict."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerInfo:
+    """What the child reports once it is ready: which Blender and which GL implementation it renders with."""
+
+    pid: int
+    bpy_version: str
+    gl_renderer: str
+    gl_vendor: str
+    gl_device_type: str
+    """'SOFTWARE' when EEVEE runs on a CPU rasterizer (Mesa llvmpipe)."""
+    startup_s: float
+
+    @property
+    def is_software_gl(self) -> bool:
+        return self.gl_device_type == "SOFTWARE" or "llvmpipe" in self.gl_renderer.lower()
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderResult:
+    """The outcome for one asset. Failures are data: a reason code, a message and the child's stderr tail."""
+
+    asset_path: str
+    status: Status
+    reason: str | None = None
+    message: str = ""
+    out_dir: str | None = None
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+    timings_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    stderr_tail: str = ""
+
+    @property
+    def is_ok(self) -> bool:
+        return self.status == "ok"
+
+
+def encode(message: Any) -> bytes:
+    """One line of JSON for a protocol dataclass, tagged with its type."""
+    return (json.dumps({"type": type(message).__name__, **dataclasses.asdict(message)}) + "\n").encode()
+
+
+_TYPES = {cls.__name__: cls for cls in (RenderRequest, WorkerInfo, RenderResult)}
+
+
+def decode(line: bytes | str) -> RenderRequest | WorkerInfo | RenderResult:
+    """The protocol dataclass encoded on `line`; ValueError on anything else."""
+    try:
+        data = json.loads(line)
+        cls: type[Self] = _TYPES[data.pop("type")]
+        return cls(**data)
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"not a protocol message: {line[:200]!r}") from err

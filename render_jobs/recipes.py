@@ -1,0 +1,108 @@
+"""Render recipes: camera rig x lighting rig x passes x resolution x samples (DESIGN section 5).
+
+A recipe plans its frames as pure data from (config, source_id, env map ids), so the same asset always
+gets the same cameras and lights, and a frame's record is enough to reproduce it.
+"""
+
+import dataclasses
+from typing import Literal
+
+import numpy as np
+
+from infra.config import FrozenConfig
+from render_jobs import lighting, views
+from render_jobs.lighting import LightingSpec
+from render_jobs.views import ViewSpec
+
+RecipeName = Literal["lh", "input", "relight"]
+RECIPE_NAMES: tuple[str, ...] = ("lh", "input", "relight")
+
+ALL_PASSES = ("beauty", "alpha", "depth", "normal", "basecolor", "roughness", "metallic", "shadow")
+
+
+@dataclasses.dataclass(frozen=True)
+class RecipeConfig(FrozenConfig):
+    """One render recipe. Defaults of each named recipe come from `recipe_config`."""
+
+    name: RecipeName
+    num_views: int
+    """Views per asset: 150 for `lh`, 8 for `input`, 12 for `relight`."""
+    lightings_per_view: int = 1
+    """Lighting conditions rendered per view: 16 random env maps for `relight`, else 1."""
+    passes: tuple[str, ...] = ALL_PASSES
+    resolution_px: int = 512
+    samples: int = 16
+    """EEVEE TAA samples per frame."""
+    seed: int = 0
+    """Mixed with the asset's source_id: same seed and asset, same cameras and lights."""
+    radius_m: float = 2.0
+    fov_deg: float = 40.0
+    env_maps_dir: str | None = None
+    """Folder of .exr/.hdr maps; None uses the eight HDRIs that bpy ships."""
+    env_strength: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.name not in RECIPE_NAMES:
+            raise ValueError(f"unknown recipe {self.name!r}; expected one of {RECIPE_NAMES}")
+        unknown = sorted(set(self.passes) - set(ALL_PASSES))
+        if unknown or "beauty" not in self.passes:
+            raise ValueError(f"passes must include 'beauty' and be a subset of {ALL_PASSES}, got {self.passes}")
+        for field in ("num_views", "lightings_per_view", "resolution_px", "samples"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
+
+    @property
+    def needs_env_maps(self) -> bool:
+        return self.name in ("input", "relight")
+
+
+_DEFAULTS: dict[str, dict] = {
+    "lh": dict(num_views=150, passes=("beauty", "alpha", "depth", "basecolor")),
+    "input": dict(num_views=8, passes=("beauty", "alpha", "depth", "normal")),
+    "relight": dict(num_views=12, lightings_per_view=16, passes=ALL_PASSES),
+}
+
+
+def recipe_config(name: str, **overrides) -> RecipeConfig:
+    """The named recipe with the paper's defaults, then `overrides` (None values are ignored)."""
+    if name not in _DEFAULTS:
+        raise ValueError(f"unknown recipe {name!r}; expected one of {RECIPE_NAMES}")
+    fields = {**_DEFAULTS[name], **{k: v for k, v in overrides.items() if v is not None}}
+    return RecipeConfig(name=name, **fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class FramePlan:
+    """One image to render: a view under one lighting."""
+
+    view_index: int
+    lighting_index: int
+    view: ViewSpec
+    lighting: LightingSpec
+
+
+def asset_rng(seed: int, source_id: str, recipe: str) -> np.random.Generator:
+    """The random stream of one (seed, asset, recipe): independent of process, platform and hash seed."""
+    return np.random.default_rng([seed, int(source_id[:16], 16), RECIPE_NAMES.index(recipe)])
+
+
+def plan_frames(cfg: RecipeConfig, source_id: str, env_map_ids: list[str]) -> list[FramePlan]:
+    """Every frame of `cfg` for one asset, view-major."""
+    rng = asset_rng(cfg.seed, source_id, cfg.name)
+    if cfg.name == "input":
+        rig = views.frontal_views(cfg.num_views, rng=rng)
+    else:
+        rig = views.hammersley_views(
+            cfg.num_views, rng=rng, radius_m=cfg.radius_m, fov_deg=cfg.fov_deg, upper_bias=cfg.name == "lh"
+        )
+    frames = []
+    for v, view in enumerate(rig):
+        for k in range(cfg.lightings_per_view):
+            if cfg.name == "lh":
+                light = lighting.homogenized()
+            elif cfg.name == "input":
+                light = lighting.random_input_lighting(rng, view.location, env_map_ids)
+            else:
+                light = lighting.env_map(rng, env_map_ids, cfg.env_strength)
+            frames.append(FramePlan(v, k, view, light))
+    return frames

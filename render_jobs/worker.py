@@ -1,0 +1,228 @@
+"""The render child: `<render env python> -m render_jobs.worker`, one asset at a time over a pipe.
+
+Requests arrive as JSON lines on stdin; results leave as JSON lines on the process's original stdout,
+which is kept private: everything Blender prints (C and Python) is redirected to stderr, whose tail the
+supervisor keeps for failure records. An asset's folder appears only when complete (written under a
+`.partial-<pid>` name, then renamed).
+"""
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from infra.errors import AssetRejected, Reason
+from render_jobs import contact_sheet, render_set
+from render_jobs.cameras import focal_px
+from render_jobs.exr import read_channels, write_channels
+from render_jobs.formats import detect_format
+from render_jobs.protocol import RenderRequest, RenderResult, WorkerInfo, decode, encode
+from render_jobs.recipes import RecipeConfig, plan_frames
+
+logger = logging.getLogger(__name__)
+
+BLANK_COVERAGE = 1e-4
+"""An asset whose largest alpha coverage over all frames is below this rendered nothing: `blank_render`."""
+TILE_PX = 128
+
+
+def _env_maps(recipe: RecipeConfig, scene: Any) -> dict[str, Path]:
+    if not recipe.needs_env_maps:
+        return {}
+    if recipe.env_maps_dir is None:
+        return scene.bundled_env_maps()
+    folder = Path(recipe.env_maps_dir)
+    maps = {p.name: p for p in sorted(folder.iterdir()) if p.suffix.lower() in (".exr", ".hdr")}
+    if not maps:
+        raise FileNotFoundError(f"no .exr or .hdr environment maps in {folder}")
+    return maps
+
+
+def render_asset(request: RenderRequest, scratch: Path, scene: Any, info: WorkerInfo) -> RenderResult:
+    """Load, sanitize, normalize and render one asset; every failure becomes a result with a reason."""
+    asset = Path(request.asset_path)
+    out_dir = Path(request.out_dir)
+    partial = out_dir.with_name(f"{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    timings: dict[str, float] = {}
+    stats: dict[str, Any] = {}
+    try:
+        recipe = RecipeConfig.from_dict(request.recipe)
+        t = time.perf_counter()
+        if not asset.is_file():
+            raise AssetRejected(str(asset), Reason.IMPORT_ERROR, "not a readable file")
+        if asset.stat().st_size == 0:
+            raise AssetRejected(str(asset), Reason.IMPORT_ERROR, "file is empty")
+        fmt = detect_format(asset)
+        if fmt is None:
+            raise AssetRejected(str(asset), Reason.UNSUPPORTED_FORMAT, f"unrecognised content and extension {asset.suffix!r}")
+        scene.load_asset(asset, fmt)
+        dropped = scene.sanitize()
+        timings["import_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        normalization = scene.normalize(str(asset))
+        stats = {"format": fmt, **scene.asset_stats(), "dropped": dropped}
+        scene.add_material_aovs()
+        partial.mkdir(parents=True)
+        vertices, faces = scene.mesh_arrays()
+        render_set.write_ply(partial / render_set.MESH_FILE, vertices, faces)
+        env_maps = _env_maps(recipe, scene)
+        frames = plan_frames(recipe, request.source_id, sorted(env_maps))
+        rig = scene.RenderRig(recipe, env_maps)
+        timings["setup_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        records, tiles, coverage = _render_frames(rig, frames, recipe, partial, scratch)
+        timings["render_s"] = time.perf_counter() - t
+        timings["per_frame_s"] = timings["render_s"] / len(frames)
+        if coverage < BLANK_COVERAGE:
+            raise AssetRejected(str(asset), Reason.BLANK_RENDER, f"largest alpha coverage {coverage:.2e}")
+        stats["max_alpha_coverage"] = coverage
+
+        (partial / "contact_sheets").mkdir()
+        for pass_name, pass_tiles in tiles.items():
+            contact_sheet.write_contact_sheet(partial / "contact_sheets" / f"{pass_name}.png", pass_tiles)
+        meta = _transforms(request, recipe, records, normalization, stats, info)
+        (partial / render_set.TRANSFORMS_FILE).write_text(json.dumps(meta, indent=1))
+        _commit(partial, out_dir)
+        return RenderResult(str(asset), "ok", out_dir=str(out_dir), stats=stats, timings_s=timings)
+    except AssetRejected as err:
+        return _failed(asset, err.reason.value, err.detail, stats, timings, partial)
+    except MemoryError:
+        return _failed(asset, Reason.OOM.value, "out of memory", stats, timings, partial)
+    except Exception as err:  # noqa: BLE001 - any other failure of one asset must not stop the worker
+        traceback.print_exc()
+        return _failed(asset, Reason.RENDER_ERROR.value, f"{type(err).__name__}: {err}", stats, timings, partial)
+    finally:
+        scene.reset()
+
+
+def _failed(asset: Path, reason: str, message: str, stats: dict, timings: dict, partial: Path) -> RenderResult:
+    shutil.rmtree(partial, ignore_errors=True)
+    logger.warning("failed asset=%s reason=%s %s", asset, reason, message)
+    return RenderResult(str(asset), "failed", reason=reason, message=message, stats=stats, timings_s=timings)
+
+
+def _commit(partial: Path, out_dir: Path) -> None:
+    """Make the finished folder visible in one rename, replacing an older render set of the same asset."""
+    if out_dir.exists():
+        stale = out_dir.with_name(f"{out_dir.name}.stale-{os.getpid()}")
+        out_dir.rename(stale)
+        partial.rename(out_dir)
+        shutil.rmtree(stale)
+    else:
+        partial.rename(out_dir)
+
+
+def _render_frames(rig: Any, frames: list, recipe: RecipeConfig, out: Path, scratch: Path):
+    (out / "beauty").mkdir()
+    if any(render_set.PASS_CHANNELS[p][0] == "gbuffer" for p in recipe.passes):
+        (out / "gbuffer").mkdir()
+    records: list[dict[str, Any]] = []
+    tiles: dict[str, list[np.ndarray]] = {p: [] for p in recipe.passes}
+    tile_px = min(TILE_PX, recipe.resolution_px)
+    coverage, current_view = 0.0, -1
+    for frame in frames:
+        if frame.view_index != current_view:
+            rig.set_view(frame.view)
+        rig.set_lighting(frame.lighting)
+        rig.render(scratch / "frame.exr")
+        beauty, gbuffer = render_set.split_passes(read_channels(scratch / "frame.exr"), recipe.passes)
+        alpha = beauty["A"].astype(np.float32)
+        coverage = max(coverage, float(np.mean(alpha)))
+        write_channels(out / render_set.beauty_path(frame.view_index, frame.lighting_index), beauty)
+        new_view = frame.view_index != current_view
+        if new_view and gbuffer:
+            write_channels(out / render_set.gbuffer_path(frame.view_index), gbuffer)
+        for pass_name in recipe.passes:
+            kind, stored, _ = render_set.PASS_CHANNELS[pass_name]
+            if kind == "gbuffer" and not new_view:
+                continue
+            source = beauty if kind == "beauty" else gbuffer
+            data = np.stack([source[c] for c in stored], axis=-1) if len(stored) > 1 else source[stored[0]]
+            tiles[pass_name].append(contact_sheet.tile(contact_sheet.to_ldr(pass_name, data, alpha), tile_px))
+        current_view = frame.view_index
+        records.append(_frame_record(frame, recipe, bool(gbuffer)))
+    return records, tiles, coverage
+
+
+def _frame_record(frame: Any, recipe: RecipeConfig, has_gbuffer: bool) -> dict[str, Any]:
+    view = frame.view
+    f = focal_px(view.fov_rad, recipe.resolution_px)
+    record = {
+        "file_path": render_set.beauty_path(frame.view_index, frame.lighting_index),
+        "view_index": frame.view_index,
+        "lighting_index": frame.lighting_index,
+        "camera_angle_x": view.fov_rad,
+        "transform_matrix": view.c2w.tolist(),
+        "fl_x": f, "fl_y": f, "cx": recipe.resolution_px / 2, "cy": recipe.resolution_px / 2,
+        "w": recipe.resolution_px, "h": recipe.resolution_px,
+        "view": {"yaw_rad": view.yaw_rad, "pitch_rad": view.pitch_rad, "radius_m": view.radius_m, "fov_rad": view.fov_rad},
+        "lighting": frame.lighting.to_dict(),
+    }
+    if has_gbuffer:
+        record["gbuffer_path"] = render_set.gbuffer_path(frame.view_index)
+    return record
+
+
+def _transforms(request: RenderRequest, recipe: RecipeConfig, records: list, normalization: dict, stats: dict, info: WorkerInfo) -> dict:
+    return {
+        "format": render_set.FORMAT_VERSION,
+        "asset_path": request.asset_path,
+        "source_id": request.source_id,
+        "recipe": recipe.to_dict(),
+        "aabb": [[-0.5, -0.5, -0.5], [0.5, 0.5, 0.5]],
+        "scale": normalization["scale"],
+        "offset": normalization["offset"],
+        "normalization": normalization,
+        "camera_angle_x": records[0]["camera_angle_x"],
+        "renderer": {"engine": "BLENDER_EEVEE", "raytracing": True, "samples": recipe.samples,
+                     "bpy_version": info.bpy_version, "gl_renderer": info.gl_renderer,
+                     "gl_device_type": info.gl_device_type},
+        "passes": {name: {"file": render_set.PASS_CHANNELS[name][0], "channels": list(render_set.PASS_CHANNELS[name][1])}
+                   for name in recipe.passes},
+        "stats": stats,
+        "frames": records,
+    }
+
+
+def _send(channel: BinaryIO, message: Any) -> None:
+    channel.write(encode(message))
+    channel.flush()
+
+
+def main() -> None:
+    protocol_out = os.fdopen(os.dup(1), "wb", buffering=0)
+    os.dup2(2, 1)  # Blender's own prints go to stderr from here on
+    sys.stdout = sys.stderr
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    started = time.perf_counter()
+    from render_jobs import blender_scene as scene  # the only bpy import, after the redirect
+
+    scene.disable_auto_run_scripts()
+    scratch = Path(tempfile.mkdtemp(prefix="near-render-"))
+    try:
+        gl = scene.warm_up(scratch)
+        info = WorkerInfo(pid=os.getpid(), bpy_version=scene.bpy.app.version_string, startup_s=time.perf_counter() - started, **gl)
+        _send(protocol_out, info)
+        for line in sys.stdin.buffer:
+            request = decode(line)
+            if not isinstance(request, RenderRequest):
+                raise ValueError(f"expected a RenderRequest, got {type(request).__name__}")
+            _send(protocol_out, render_asset(request, scratch, scene, info))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

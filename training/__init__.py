@@ -1,0 +1,1 @@
+"""training: see DESIGN.md; built by later issues."""
