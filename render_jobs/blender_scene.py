@@ -377,7 +377,7 @@ def _new_camera(scene: Any) -> Any:
     data = bpy.data.cameras.new("near_camera")
     data.sensor_fit = "HORIZONTAL"
     data.sensor_width = data.sensor_height = 32.0
-    data.clip_start, data.clip_end = 0.01, 100.0
+    data.clip_start, data.clip_end = 0.1, 100.0
     camera = bpy.data.objects.new("near_camera", data)
     scene.collection.objects.link(camera)
     scene.camera = camera
