@@ -1,0 +1,77 @@
+"""Robustness of the supervised render child with real processes: hangs, kills, memory, software GL."""
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from pipelines.local_render import render_files
+from render_jobs.recipes import recipe_config
+from render_jobs.supervisor import RenderSupervisor, RenderWorkerConfig
+
+pytestmark = [pytest.mark.blender, pytest.mark.slow]
+
+TINY = recipe_config("lh", num_views=1, resolution_px=16, samples=1)
+
+def test_asset_over_its_time_limit_is_killed_and_the_next_asset_renders(tmp_path, demo_assets, render_python):
+    """An asset that cannot finish in time (here 60 views at ~3 s each on a CPU against a 25 s limit)."""
+    cfg = RenderWorkerConfig(render_python=str(render_python), allow_software_gl=True, timeout_s=25)
+    endless = recipe_config("lh", num_views=60, resolution_px=64, samples=4)
+    with RenderSupervisor(cfg) as supervisor:
+        supervisor.start()
+        first_pid = supervisor.child_pid
+        started = time.monotonic()
+        stuck = next(render_files([demo_assets["metal_torus"]], endless, tmp_path, worker=cfg, supervisor=supervisor))
+        assert stuck.result.reason == "timeout" and 25 <= time.monotonic() - started < 60
+        with pytest.raises(ProcessLookupError):
+            os.killpg(first_pid, 0)  # the child's whole process group is gone
+        good = next(render_files([demo_assets["rough_cone"]], TINY, tmp_path, worker=cfg, supervisor=supervisor))
+        assert good.result.is_ok, good.result
+        assert supervisor.child_pid != first_pid
+    assert not list(tmp_path.glob("*partial*")), "a killed child left a half-written folder visible"
+    assert not list(tmp_path.glob("metal_torus*"))
+
+
+def test_sigkilled_child_is_recorded_with_its_stderr_tail_and_the_worker_carries_on(tmp_path, demo_assets, render_python):
+    cfg = RenderWorkerConfig(render_python=str(render_python), allow_software_gl=True, timeout_s=300)
+    slow = recipe_config("lh", num_views=6, resolution_px=64, samples=2)
+    with RenderSupervisor(cfg) as supervisor:
+        supervisor.start()
+        victim = supervisor.child_pid
+        killer = threading.Timer(4.0, os.kill, (victim, signal.SIGKILL))
+        killer.start()
+        killed = next(render_files([demo_assets["metal_torus"]], slow, tmp_path, worker=cfg, supervisor=supervisor))
+        killer.join()
+        assert killed.result.status == "failed" and killed.result.reason == "worker_crashed"
+        assert "SIGKILL" in killed.result.message
+        assert killed.result.stderr_tail.strip(), "the failure record must carry the child's stderr tail"
+        after = next(render_files([demo_assets["open_box"]], TINY, tmp_path, worker=cfg, supervisor=supervisor))
+        assert after.result.is_ok and supervisor.child_pid != victim
+    assert not list(tmp_path.glob("*partial*"))
+
+
+def test_rss_stays_flat_over_many_assets_in_one_child(tmp_path, demo_assets, render_python):
+    cfg = RenderWorkerConfig(render_python=str(render_python), allow_software_gl=True, max_assets_per_child=1000)
+    assets = [demo_assets[name] for name in sorted(demo_assets)] * 5  # 25 assets
+    rss_mb = []
+    with RenderSupervisor(cfg) as supervisor:
+        pid = supervisor.start().pid
+        for record in render_files(assets, TINY, tmp_path, worker=cfg, supervisor=supervisor):
+            assert record.result.is_ok, record.result
+            assert supervisor.child_pid == pid
+            rss_mb.append(supervisor.child_rss_bytes() / 2**20)
+    warm, last = max(rss_mb[3:8]), max(rss_mb[-5:])
+    assert last - warm < 250, f"RSS grew from {warm:.0f} MB to {last:.0f} MB over {len(rss_mb)} assets: {rss_mb}"
+
+
+def test_software_gl_is_refused_unless_allowed(tmp_path, demo_assets, render_python):
+    cfg = RenderWorkerConfig(render_python=str(render_python), allow_software_gl=False)
+    with RenderSupervisor(cfg) as supervisor:
+        info = supervisor.start()
+        record = next(render_files([demo_assets["rough_cone"]], TINY, tmp_path, worker=cfg, supervisor=supervisor))
+    if not info.is_software_gl:
+        pytest.skip(f"this machine renders on {info.gl_renderer}")
+    assert record.result.reason == "gl_software_fallback"
+    assert info.gl_renderer in record.result.message
