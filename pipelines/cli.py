@@ -157,3 +157,7 @@ def demo(out: Path, seed: int, resolution: int, samples: int, render_python: str
 
 def main() -> None:
     cli()
+
+
+if __name__ == "__main__":
+    main()
