@@ -219,15 +219,17 @@ def mesh_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 
 def asset_stats() -> dict[str, Any]:
-    """Vertices, faces, materials, textures and missing textures of what renders."""
+    """Vertices, faces, materials, textures and missing textures of what renders.
+
+    Textures are every image the file holds with users (material nodes, legacy texture slots, UV editors):
+    an image a file references but cannot find is a missing texture wherever it is referenced from.
+    """
     instances = _mesh_instances()
-    materials, images = set(), set()
+    materials = set()
     for obj in bpy.context.scene.objects:
         if obj.type == "MESH" and not obj.hide_render:
             materials.update(slot.material for slot in obj.material_slots if slot.material)
-    for material in materials:
-        if material.node_tree:
-            images.update(_images_in(material.node_tree))
+    images = [img for img in bpy.data.images if img.users > 0 and img.source not in ("VIEWER",)]
     missing = sorted(img.name for img in images if _is_missing(img))
     return {
         "vertices": sum(len(m.vertices) for m, _ in instances),
@@ -238,18 +240,6 @@ def asset_stats() -> dict[str, Any]:
         "missing_textures": len(missing),
         "missing_texture_names": missing,
     }
-
-
-def _images_in(tree: Any, seen: set | None = None) -> set:
-    seen = set() if seen is None else seen
-    images = set()
-    for node in tree.nodes:
-        if node.type in ("TEX_IMAGE", "TEX_ENVIRONMENT") and node.image:
-            images.add(node.image)
-        elif node.type == "GROUP" and node.node_tree and node.node_tree not in seen:
-            seen.add(node.node_tree)
-            images |= _images_in(node.node_tree, seen)
-    return images
 
 
 def _is_missing(image: Any) -> bool:
@@ -392,6 +382,7 @@ class RenderRig:
         self.env_map_paths = env_map_paths
         _configure_render(self.scene, resolution_px=recipe.resolution_px, samples=recipe.samples)
         view_layer = bpy.context.view_layer
+        self.view_layer_name = view_layer.name  # files from older Blender call it "View Layer"
         view_layer.use_pass_combined = True
         view_layer.use_pass_z = "depth" in recipe.passes
         view_layer.use_pass_normal = "normal" in recipe.passes

@@ -5,16 +5,17 @@ import os
 import numpy as np
 import OpenEXR
 
-_VIEW_LAYER_PREFIX = "ViewLayer."
+def read_channels(path: str | os.PathLike[str], *, view_layer: str = "") -> dict[str, np.ndarray]:
+    """Every channel of every part, (H, W) each, row 0 at the top.
 
-
-def read_channels(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    """Every channel of every part, (H, W) each, row 0 at the top; Blender's view-layer prefix stripped."""
+    Blender names multilayer channels `<view layer>.<pass>.<channel>`; `view_layer` strips that prefix.
+    """
+    prefix = f"{view_layer}." if view_layer else ""
     channels = {}
     with OpenEXR.File(str(path), separate_channels=True) as exr:
         for part in exr.parts:
             for name, channel in part.channels.items():
-                channels[name.removeprefix(_VIEW_LAYER_PREFIX)] = channel.pixels
+                channels[name.removeprefix(prefix)] = channel.pixels
     return channels
 
 

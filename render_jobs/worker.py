@@ -137,7 +137,7 @@ def _render_frames(rig: Any, frames: list, recipe: RecipeConfig, out: Path, scra
             rig.set_view(frame.view)
         rig.set_lighting(frame.lighting)
         rig.render(scratch / "frame.exr")
-        beauty, gbuffer = render_set.split_passes(read_channels(scratch / "frame.exr"), recipe.passes)
+        beauty, gbuffer = render_set.split_passes(read_channels(scratch / "frame.exr", view_layer=rig.view_layer_name), recipe.passes)
         alpha = beauty["A"].astype(np.float32)
         coverage = max(coverage, float(np.mean(alpha)))
         write_channels(out / render_set.beauty_path(frame.view_index, frame.lighting_index), beauty)

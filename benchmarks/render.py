@@ -1,0 +1,113 @@
+"""Render benchmark: import, first-frame (shader compile) and steady per-view time per recipe, plus throughput
+with several concurrent render children.
+
+    python benchmarks/render.py --resolution 64 256 --views 4 --allow-software-gl --out benchmarks/results/render_cpu.json
+    python benchmarks/render.py --resolution 512 --views 32 --children 1 8 --out render_h100.json   # on a GPU
+
+Seeds are fixed (demo assets seed 0, recipe seed 0); the JSON records the machine, GL renderer and versions.
+"""
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from infra.environments import find_render_python  # noqa: E402
+from pipelines.demo import generate_demo_assets  # noqa: E402
+from pipelines.local_render import render_files  # noqa: E402
+from render_jobs.recipes import RECIPE_NAMES, recipe_config  # noqa: E402
+from render_jobs.supervisor import RenderSupervisor, RenderWorkerConfig  # noqa: E402
+
+
+def _import_time_s(python: Path) -> float:
+    code = "import time; t = time.perf_counter(); import bpy; print(time.perf_counter() - t)"
+    return float(subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1])
+
+
+def _one(supervisor, asset, recipe, out, worker) -> dict:
+    record = next(render_files([asset], recipe, out, worker=worker, supervisor=supervisor))
+    if not record.result.is_ok:
+        raise RuntimeError(f"{asset}: {record.result.reason} {record.result.message}\n{record.result.stderr_tail}")
+    return record.result.timings_s
+
+
+def bench_recipe(name: str, resolution: int, views: int, assets: list[Path], worker: RenderWorkerConfig, out: Path) -> dict:
+    """A fresh child: start-up, first frame of a first and of a second material, then steady views."""
+    lightings = 2 if name == "relight" else None
+    one_view = recipe_config(name, num_views=1, lightings_per_view=1 if lightings else None, resolution_px=resolution)
+    many = recipe_config(name, num_views=views, lightings_per_view=lightings, resolution_px=resolution)
+    with RenderSupervisor(worker) as supervisor:
+        started = time.perf_counter()
+        info = supervisor.start()
+        startup_s = time.perf_counter() - started
+        first = _one(supervisor, assets[0], one_view, out / "first", worker)
+        second = _one(supervisor, assets[1], one_view, out / "second", worker)
+        steady = _one(supervisor, assets[1], many, out / "steady", worker)
+    frames = views * (lightings or 1)
+    return {
+        "recipe": name, "resolution_px": resolution, "samples": many.samples, "passes": list(many.passes),
+        "child_startup_s": startup_s, "warm_up_s": info.startup_s,
+        "first_frame_s": first["render_s"], "first_frame_new_material_warm_child_s": second["render_s"],
+        "steady_frames": frames, "steady_per_view_s": steady["render_s"] / frames, "steady_views_per_s": frames / steady["render_s"],
+        "gl_renderer": info.gl_renderer,
+    }
+
+
+def bench_concurrency(children: int, resolution: int, views: int, assets: list[Path], worker: RenderWorkerConfig, out: Path) -> dict:
+    """`children` supervised children render the `lh` recipe at once after their warm-up; total views per second."""
+    recipe = recipe_config("lh", num_views=views, resolution_px=resolution)
+    warm = recipe_config("lh", num_views=1, resolution_px=resolution)
+    supervisors = [RenderSupervisor(worker) for _ in range(children)]
+    threads = [threading.Thread(target=s.start) for s in supervisors]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    for i, s in enumerate(supervisors):  # pay the first-frame cost of the materials once per child
+        for asset in assets:
+            _one(s, asset, warm, out / f"warm{i}", worker)
+    started = time.perf_counter()
+    threads = [threading.Thread(target=lambda s=s, i=i: [_one(s, a, recipe, out / f"c{i}", worker) for a in assets])
+               for i, s in enumerate(supervisors)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    wall = time.perf_counter() - started
+    [s.close() for s in supervisors]
+    frames = children * len(assets) * views
+    return {"children": children, "recipe": "lh", "resolution_px": resolution, "views": frames, "wall_s": wall, "views_per_s": frames / wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--resolution", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--views", type=int, default=4, help="views of the steady-state measurement")
+    parser.add_argument("--children", type=int, nargs="*", default=[], help="concurrent children to measure (lh)")
+    parser.add_argument("--allow-software-gl", action="store_true")
+    parser.add_argument("--render-python", default=None)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    python = find_render_python(args.render_python)
+    worker = RenderWorkerConfig(render_python=str(python), allow_software_gl=args.allow_software_gl, timeout_s=1800)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        assets = generate_demo_assets(tmp / "assets", seed=0, render_python=str(python))
+        results = {"machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count(), "python": sys.version.split()[0]},
+                   "import_bpy_s": _import_time_s(python), "recipes": [], "concurrency": []}
+        for resolution in args.resolution:
+            for name in RECIPE_NAMES:
+                results["recipes"].append(bench_recipe(name, resolution, args.views, assets, worker, tmp / f"{name}{resolution}"))
+                print(json.dumps(results["recipes"][-1]), flush=True)
+            for children in args.children:
+                results["concurrency"].append(bench_concurrency(children, resolution, args.views, assets, worker, tmp / f"conc{children}"))
+                print(json.dumps(results["concurrency"][-1]), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
