@@ -79,7 +79,7 @@ class _Child:
         self.proc.stdin.flush()
 
     def receive(self, timeout_s: float) -> Any:
-        """The next message, or None when the deadline passes or the child exits first."""
+        """The next message; None when the deadline passes; EOFError when the child exits first."""
         deadline = time.monotonic() + timeout_s
         while b"\n" not in self._buffer:
             remaining = deadline - time.monotonic()
@@ -87,7 +87,7 @@ class _Child:
                 return None
             chunk = os.read(self.proc.stdout.fileno(), 1 << 16)
             if not chunk:
-                return None  # EOF: the child died
+                raise EOFError(f"render child {self.proc.pid} closed its result pipe")
             self._buffer += chunk
         line, self._buffer = self._buffer.split(b"\n", 1)
         return decode(line)
@@ -147,7 +147,10 @@ class RenderSupervisor:
         if self._child is not None:
             return self.info
         child = _Child(self.python, self.cfg.stderr_tail_lines, self.env)
-        message = child.receive(self.cfg.startup_timeout_s)
+        try:
+            message = child.receive(self.cfg.startup_timeout_s)
+        except EOFError:
+            message = None
         if not isinstance(message, WorkerInfo):
             tail = child.stderr_tail()
             child.kill()
@@ -178,14 +181,15 @@ class RenderSupervisor:
             child.send(request)
         except BrokenPipeError:
             return self._fail_and_restart(request, Reason.WORKER_CRASHED, "render child exited before the request")
-        result = child.receive(self.cfg.timeout_s)
-        elapsed = time.monotonic() - started
-        if result is None:
-            if child.proc.poll() is None:
-                return self._fail_and_restart(request, Reason.TIMEOUT, f"no result within {self.cfg.timeout_s:.0f}s; child killed")
-            code = child.proc.returncode
+        try:
+            result = child.receive(self.cfg.timeout_s)
+        except EOFError:
+            code = child.proc.wait()
             reason = Reason.OOM if code == -signal.SIGKILL and _oom_killed(child) else Reason.WORKER_CRASHED
             return self._fail_and_restart(request, reason, f"render child exited with {_describe_exit(code)}")
+        elapsed = time.monotonic() - started
+        if result is None:
+            return self._fail_and_restart(request, Reason.TIMEOUT, f"no result within {self.cfg.timeout_s:.0f}s; child killed")
         child.assets_done += 1
         if not result.is_ok:
             result = dataclasses.replace(result, stderr_tail=child.stderr_tail())
