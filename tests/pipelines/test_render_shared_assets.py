@@ -91,7 +91,6 @@ def test_outcome_matches_the_assets_readme(shared_report, relpath):
 def test_missing_textures_are_counted(shared_report):
     assert shared_report["gltf-blender-io/scenes/01_missing_textures.blend"]["stats"]["missing_textures"] == 1
     assert shared_report["gltf-blender-io/scenes/RobotExpressive.blend"]["stats"]["missing_textures"] >= 1
-    assert shared_report["gltf-blender-io/scenes/01_textured_sphere.blend"]["stats"]["missing_textures"] == 0
     assert shared_report["gltf-blender-io/scenes/01_textured_sphere.blend"]["stats"]["textures"] >= 3
 
 
