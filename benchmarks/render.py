@@ -55,7 +55,8 @@ def bench_recipe(name: str, resolution: int, views: int, assets: list[Path], wor
         "recipe": name, "resolution_px": resolution, "samples": many.samples, "passes": list(many.passes),
         "child_startup_s": startup_s, "warm_up_s": info.startup_s,
         "first_frame_s": first["render_s"], "first_frame_new_material_warm_child_s": second["render_s"],
-        "steady_frames": frames, "steady_per_view_s": steady["render_s"] / frames, "steady_views_per_s": frames / steady["render_s"],
+        "steady_frames": frames, "steady_per_view_s": steady["render_s"] / frames,
+        "steady_blender_per_view_s": steady["blender_s"] / frames, "steady_views_per_s": frames / steady["render_s"],
         "gl_renderer": info.gl_renderer,
     }
 
@@ -86,6 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resolution", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--views", type=int, default=4, help="views of the steady-state measurement")
+    parser.add_argument("--recipes", nargs="*", default=list(RECIPE_NAMES), choices=RECIPE_NAMES, help="recipes to time one child on")
     parser.add_argument("--children", type=int, nargs="*", default=[], help="concurrent children to measure (lh)")
     parser.add_argument("--allow-software-gl", action="store_true")
     parser.add_argument("--render-python", default=None)
@@ -99,7 +101,7 @@ def main() -> None:
         results = {"machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count(), "python": sys.version.split()[0]},
                    "import_bpy_s": _import_time_s(python), "recipes": [], "concurrency": []}
         for resolution in args.resolution:
-            for name in RECIPE_NAMES:
+            for name in args.recipes:
                 results["recipes"].append(bench_recipe(name, resolution, args.views, assets, worker, tmp / f"{name}{resolution}"))
                 print(json.dumps(results["recipes"][-1]), flush=True)
             for children in args.children:

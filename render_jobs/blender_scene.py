@@ -252,8 +252,14 @@ def _is_missing(image: Any) -> bool:
 # Materials: shader AOVs that read whatever feeds the Principled BSDF
 
 
-def add_material_aovs() -> None:
-    """Give every rendered mesh a material and every material AOV outputs for base color, roughness, metallic."""
+def add_material_aovs(names: tuple[str, ...]) -> None:
+    """Give every rendered mesh a material and every material AOV outputs for `names` (of VIEW_LAYER_AOVS).
+
+    Only the AOVs a recipe stores are wired: each one costs shader work and a render pass on every sample.
+    """
+    unknown = set(names) - set(VIEW_LAYER_AOVS)
+    if unknown:
+        raise ValueError(f"unknown AOVs {sorted(unknown)}; expected some of {sorted(VIEW_LAYER_AOVS)}")
     default = None
     for obj in bpy.context.scene.objects:
         if obj.type != "MESH" or obj.hide_render:
@@ -267,16 +273,18 @@ def add_material_aovs() -> None:
                 default = default or _default_material()
                 slot.link = "OBJECT"
                 slot.material = default
+    if not names:
+        return
     view_layer = bpy.context.view_layer
-    for name, kind in VIEW_LAYER_AOVS.items():
+    for name in names:
         aov = view_layer.aovs.add()
-        aov.name, aov.type = name, kind
+        aov.name, aov.type = name, VIEW_LAYER_AOVS[name]
     done = set()
     for obj in bpy.context.scene.objects:
         for slot in getattr(obj, "material_slots", []):
             if slot.material and slot.material not in done:
                 done.add(slot.material)
-                _wire_aovs(slot.material)
+                _wire_aovs(slot.material, names)
 
 
 def _default_material() -> Any:
@@ -285,14 +293,15 @@ def _default_material() -> Any:
     return material
 
 
-def _wire_aovs(material: Any) -> None:
+def _wire_aovs(material: Any, names: tuple[str, ...]) -> None:
     if material.library is not None:
         material = material.make_local()  # linked materials are read-only; a local copy can take AOV nodes
     if material.node_tree is None:
         material.use_nodes = True
     tree = material.node_tree
     bsdf = _surface_bsdf(tree)
-    for name, kind in VIEW_LAYER_AOVS.items():
+    for name in names:
+        kind = VIEW_LAYER_AOVS[name]
         node = tree.nodes.new("ShaderNodeOutputAOV")
         node.aov_name = name  # .name would only rename the node
         target = node.inputs[_AOV_SOCKET[kind]]
@@ -359,7 +368,7 @@ def _configure_render(scene: Any, *, resolution_px: int, samples: int) -> None:
     scene.view_settings.look = "None"
     settings = render.image_settings
     settings.media_type = "MULTI_LAYER_IMAGE"
-    settings.color_depth = "32"
+    settings.color_depth = "16"  # colour passes as half, as stored; Blender keeps depth, normal and value AOVs float
     settings.exr_codec = "NONE"  # a scratch file read back at once: no time spent compressing
 
 
@@ -391,12 +400,14 @@ class RenderRig:
         self.homogenized_world = self._uniform_world()
         self.env_world, self.env_node, self.env_mapping = self._env_world()
         self.lights: list[Any] = []
+        self.lighting: LightingSpec | None = None
 
     def _uniform_world(self) -> Any:
         world = bpy.data.worlds.new("near_homogenized")
         world.use_nodes = True
         background = world.node_tree.nodes["Background"]
         background.inputs["Color"].default_value = (1.0, 1.0, 1.0, 1.0)
+        world.sun_threshold = 1e9  # a uniform sky has no sun to extract (and so nothing that casts a shadow map)
         return world
 
     def _env_world(self) -> tuple[Any, Any, Any]:
@@ -417,9 +428,15 @@ class RenderRig:
         self.camera.matrix_world = Matrix(view.c2w.tolist())
 
     def set_lighting(self, lighting: LightingSpec) -> None:
+        """Switch to `lighting`; a no-op when it is already set (all of `lh` shares one lighting)."""
+        if lighting == self.lighting:
+            return
         for light in self.lights:
             bpy.data.objects.remove(light, do_unlink=True)
         self.lights = []
+        # Shadow maps serve lamps and the sun EEVEE extracts from a world; the uniform world has neither, and
+        # updating the shadow atlas every sample is most of a frame's cost on some GL drivers.
+        self.scene.eevee.use_shadows = lighting.kind != "homogenized"
         if lighting.kind == "homogenized":
             self.scene.world = self.homogenized_world
             self.homogenized_world.node_tree.nodes["Background"].inputs["Strength"].default_value = lighting.strength
@@ -438,6 +455,7 @@ class RenderRig:
                 light.matrix_world = Matrix(look_at_c2w(np.array(spec.location_m)).tolist())  # emits along -Z
                 self.scene.collection.objects.link(light)
                 self.lights.append(light)
+        self.lighting = lighting
 
     def render(self, path: Path) -> None:
         self.scene.render.filepath = str(path)
@@ -463,7 +481,11 @@ def save_demo_asset(
     texture_rgb: np.ndarray | None,  # (H, W, 3) float in [0, 1], sRGB-encoded, row 0 at v = 0
     smooth: bool,
 ) -> None:
-    """Write one procedural asset as a .blend with its texture packed inside."""
+    """Write one procedural asset as a binary glTF with its texture embedded.
+
+    glTF rather than .blend: a .blend holds run-time memory addresses, so the same seed would give different
+    bytes, hence a different `source_id`, on every generation; the glTF writer is byte-deterministic.
+    """
     reset()
     name = Path(path).stem
     mesh = bpy.data.meshes.new(name)
@@ -487,9 +509,8 @@ def save_demo_asset(
         image = bpy.data.images.new(f"{name}_basecolor", w, h, alpha=True)
         rgba = np.concatenate([texture_rgb, np.ones((h, w, 1))], axis=2).astype(np.float32)
         image.pixels.foreach_set(rgba.ravel())
-        image.pack()
         tex = mat.node_tree.nodes.new("ShaderNodeTexImage")
         tex.image = image
         mat.node_tree.links.new(tex.outputs["Color"], bsdf.inputs["Base Color"])
     mesh.materials.append(mat)
-    bpy.ops.wm.save_as_mainfile(filepath=str(path), compress=True)
+    bpy.ops.export_scene.gltf(filepath=str(path), export_format="GLB", use_selection=False)

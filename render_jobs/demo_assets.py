@@ -143,7 +143,7 @@ def demo_specs(seed: int = 0) -> list[dict[str, Any]]:
 
 
 def write_demo_assets(out_dir: Path, seed: int = 0) -> list[Path]:
-    """Build every demo asset as a .blend in `out_dir` and write the manifest. Needs bpy (render env)."""
+    """Build every demo asset as a .glb in `out_dir` and write the manifest. Needs bpy (render env)."""
     from render_jobs import blender_scene
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -153,7 +153,7 @@ def write_demo_assets(out_dir: Path, seed: int = 0) -> list[Path]:
         polygons = [tuple(dict.fromkeys(f)) for f in faces.tolist()]  # repeated last index -> triangle
         uvs = spec.get("uvs")
         texture = texture_image(spec["texture"]) if "texture" in spec else None
-        path = out_dir / f"{spec['name']}.blend"
+        path = out_dir / f"{spec['name']}.glb"
         blender_scene.save_demo_asset(path, spec["vertices"], polygons, uvs, spec["material"], texture, spec["smooth"])
         manifest["assets"][spec["name"]] = {"file": path.name, "material": spec["material"], "texture": spec.get("texture")}
         paths.append(path)

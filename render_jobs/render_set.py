@@ -59,7 +59,7 @@ def split_passes(
             if name == "depth":
                 array = np.where(alpha > 0, array, 0.0).astype(np.float32)
             else:
-                array = array.astype(np.float16)
+                array = array.astype(np.float16, copy=False)
             (beauty if kind == "beauty" else gbuffer)[dst] = array
     return beauty, gbuffer
 

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -33,6 +34,8 @@ logger = logging.getLogger(__name__)
 BLANK_COVERAGE = 1e-4
 """An asset whose largest alpha coverage over all frames is below this rendered nothing: `blank_render`."""
 TILE_PX = 128
+STORE_QUEUE = 2
+"""Frames rendered but not yet stored, at most (each holds its decoded passes in memory)."""
 
 
 def _env_maps(recipe: RecipeConfig, scene: Any) -> dict[str, Path]:
@@ -72,7 +75,7 @@ def render_asset(request: RenderRequest, scratch: Path, scene: Any, info: Worker
         t = time.perf_counter()
         normalization = scene.normalize(str(asset))
         stats = {"format": fmt, **scene.asset_stats(), "dropped": dropped}
-        scene.add_material_aovs()
+        scene.add_material_aovs(tuple(p for p in recipe.passes if p in scene.VIEW_LAYER_AOVS))
         partial.mkdir(parents=True)
         vertices, faces = scene.mesh_arrays()
         render_set.write_ply(partial / render_set.MESH_FILE, vertices, faces)
@@ -82,7 +85,7 @@ def render_asset(request: RenderRequest, scratch: Path, scene: Any, info: Worker
         timings["setup_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        records, tiles, coverage = _render_frames(rig, frames, recipe, partial, scratch)
+        records, tiles, coverage, timings["blender_s"] = _render_frames(rig, frames, recipe, partial, scratch)
         timings["render_s"] = time.perf_counter() - t
         timings["per_frame_s"] = timings["render_s"] / len(frames)
         if coverage < BLANK_COVERAGE:
@@ -125,38 +128,62 @@ def _commit(partial: Path, out_dir: Path) -> None:
 
 
 def _render_frames(rig: Any, frames: list, recipe: RecipeConfig, out: Path, scratch: Path):
+    """Render and store every frame; returns (frame records, preview tiles per pass, largest alpha coverage,
+    seconds spent inside Blender).
+
+    Blender releases the GIL while it renders, so storing frame k (splitting passes, compressing EXRs,
+    preview tiles) runs on a thread during the render of frame k + 1; at most STORE_QUEUE frames wait.
+    """
+    has_gbuffer = any(render_set.PASS_CHANNELS[p][0] == "gbuffer" for p in recipe.passes)
     (out / "beauty").mkdir()
-    if any(render_set.PASS_CHANNELS[p][0] == "gbuffer" for p in recipe.passes):
+    if has_gbuffer:
         (out / "gbuffer").mkdir()
-    records: list[dict[str, Any]] = []
-    tiles: dict[str, list[np.ndarray]] = {p: [] for p in recipe.passes}
     tile_px = min(TILE_PX, recipe.resolution_px)
-    coverage, current_view = 0.0, -1
-    for frame in frames:
-        if frame.view_index != current_view:
-            rig.set_view(frame.view)
-        rig.set_lighting(frame.lighting)
-        rig.render(scratch / "frame.exr")
-        beauty, gbuffer = render_set.split_passes(read_channels(scratch / "frame.exr", view_layer=rig.view_layer_name), recipe.passes)
-        alpha = beauty["A"].astype(np.float32)
-        coverage = max(coverage, float(np.mean(alpha)))
-        write_channels(out / render_set.beauty_path(frame.view_index, frame.lighting_index), beauty)
-        new_view = frame.view_index != current_view
-        if new_view and gbuffer:
-            write_channels(out / render_set.gbuffer_path(frame.view_index), gbuffer)
-        for pass_name in recipe.passes:
-            kind, stored, _ = render_set.PASS_CHANNELS[pass_name]
-            if kind == "gbuffer" and not new_view:
-                continue
-            source = beauty if kind == "beauty" else gbuffer
-            data = np.stack([source[c] for c in stored], axis=-1) if len(stored) > 1 else source[stored[0]]
-            tiles[pass_name].append(contact_sheet.tile(contact_sheet.to_ldr(pass_name, data, alpha), tile_px))
-        current_view = frame.view_index
-        records.append(_frame_record(frame, recipe, bool(gbuffer)))
-    return records, tiles, coverage
+    records: list[dict[str, Any]] = []
+    stored: list[Future] = []
+    current_view, blender_s = -1, 0.0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="near-store") as store:
+        for frame in frames:
+            t = time.perf_counter()
+            new_view = frame.view_index != current_view
+            if new_view:
+                rig.set_view(frame.view)
+            rig.set_lighting(frame.lighting)
+            rig.render(scratch / "frame.exr")
+            blender_s += time.perf_counter() - t
+            channels = read_channels(scratch / "frame.exr", view_layer=rig.view_layer_name)
+            stored.append(store.submit(_store_frame, channels, frame, new_view, recipe, out, tile_px))
+            if len(stored) > STORE_QUEUE:
+                stored[-STORE_QUEUE - 1].result()  # bounds memory; re-raises a failed store at once
+            current_view = frame.view_index
+            records.append(_frame_record(frame, recipe, has_gbuffer=has_gbuffer))
+        results = [future.result() for future in stored]
+    tiles = {p: [t for frame_tiles, _ in results for name, t in frame_tiles if name == p] for p in recipe.passes}
+    coverage = max(frame_coverage for _, frame_coverage in results)
+    return records, tiles, coverage, blender_s
 
 
-def _frame_record(frame: Any, recipe: RecipeConfig, has_gbuffer: bool) -> dict[str, Any]:
+def _store_frame(
+    channels: dict[str, np.ndarray], frame: Any, new_view: bool, recipe: RecipeConfig, out: Path, tile_px: int
+) -> tuple[list[tuple[str, np.ndarray]], float]:
+    """Write one frame's beauty (and, for a new view, gbuffer) EXR; returns its preview tiles and alpha coverage."""
+    beauty, gbuffer = render_set.split_passes(channels, recipe.passes)
+    alpha = beauty["A"]
+    write_channels(out / render_set.beauty_path(frame.view_index, frame.lighting_index), beauty)
+    if new_view and gbuffer:
+        write_channels(out / render_set.gbuffer_path(frame.view_index), gbuffer)
+    tiles = []
+    for pass_name in recipe.passes:
+        kind, names, _ = render_set.PASS_CHANNELS[pass_name]
+        if kind == "gbuffer" and not new_view:
+            continue
+        source = beauty if kind == "beauty" else gbuffer
+        data = np.stack([source[c] for c in names], axis=-1) if len(names) > 1 else source[names[0]]
+        tiles.append((pass_name, contact_sheet.preview_tile(pass_name, data, alpha, tile_px)))
+    return tiles, float(np.mean(alpha, dtype=np.float32))
+
+
+def _frame_record(frame: Any, recipe: RecipeConfig, *, has_gbuffer: bool) -> dict[str, Any]:
     view = frame.view
     f = focal_px(view.fov_rad, recipe.resolution_px)
     record = {

@@ -15,23 +15,34 @@ pytestmark = [pytest.mark.blender, pytest.mark.slow]
 
 TINY = recipe_config("lh", num_views=1, resolution_px=16, samples=1)
 
-def test_asset_over_its_time_limit_is_killed_and_the_next_asset_renders(tmp_path, demo_assets, render_python):
-    """An asset that cannot finish in time (here 60 views at ~3 s each on a CPU against a 25 s limit)."""
-    cfg = RenderWorkerConfig(render_python=str(render_python), allow_software_gl=True, timeout_s=25)
-    endless = recipe_config("lh", num_views=60, resolution_px=64, samples=4)
+
+def _hanging_obj(folder) -> "os.PathLike[str]":
+    """An OBJ whose material library is a named pipe nobody writes: the importer blocks in open() for ever, the
+    way a read from a stalled network file system does. No CPU, no memory: a true hang."""
+    folder.mkdir()
+    os.mkfifo(folder / "stalled.mtl")
+    path = folder / "triangle.obj"
+    path.write_text("mtllib stalled.mtl\nv 0 0 0\nv 1 0 0\nv 0 1 0\nusemtl paint\nf 1 2 3\n")
+    return path
+
+
+def test_hung_asset_is_killed_at_its_time_limit_and_the_next_asset_renders(tmp_path, demo_assets, render_python):
+    cfg = RenderWorkerConfig(render_python=str(render_python), allow_software_gl=True, timeout_s=15)
+    out = tmp_path / "out"
     with RenderSupervisor(cfg) as supervisor:
         supervisor.start()
         first_pid = supervisor.child_pid
         started = time.monotonic()
-        stuck = next(render_files([demo_assets["metal_torus"]], endless, tmp_path, worker=cfg, supervisor=supervisor))
-        assert stuck.result.reason == "timeout" and 25 <= time.monotonic() - started < 60
+        hung = next(render_files([_hanging_obj(tmp_path / "hung")], TINY, out, worker=cfg, supervisor=supervisor))
+        assert hung.result.reason == "timeout" and 15 <= time.monotonic() - started < 45
+        assert "15" in hung.result.message
         with pytest.raises(ProcessLookupError):
             os.killpg(first_pid, 0)  # the child's whole process group is gone
-        good = next(render_files([demo_assets["rough_cone"]], TINY, tmp_path, worker=cfg, supervisor=supervisor))
+        good = next(render_files([demo_assets["rough_cone"]], TINY, out, worker=cfg, supervisor=supervisor))
         assert good.result.is_ok, good.result
         assert supervisor.child_pid != first_pid
-    assert not list(tmp_path.glob("*partial*")), "a killed child left a half-written folder visible"
-    assert not list(tmp_path.glob("metal_torus*"))
+    assert not list(out.glob("*partial*")), "a killed child left a half-written folder visible"
+    assert not list(out.glob("triangle*"))
 
 
 def test_sigkilled_child_is_recorded_with_its_stderr_tail_and_the_worker_carries_on(tmp_path, demo_assets, render_python):
