@@ -12,6 +12,7 @@ from rich.table import Table
 
 from infra.errors import ConfigError
 from infra.logs import setup_logging
+from pipelines.catalog_cli import catalog
 from pipelines.demo import DemoConfig, generate_demo_assets
 from pipelines.local_render import AssetRecord, render_files
 from render_jobs.formats import find_asset_files
@@ -153,6 +154,9 @@ def demo(out: Path, seed: int, resolution: int, samples: int, render_python: str
     console.print(f"contact sheets: {len(sheets)} beauty sheets under {out / 'renders'} (e.g. {sheets[0] if sheets else '-'})")
     if any(not r.result.is_ok for records in summaries.values() for r in records):
         sys.exit(1)
+
+
+cli.add_command(catalog)
 
 
 def main() -> None:

@@ -4,7 +4,6 @@ This is the only module of the project that imports bpy; it runs in the render e
 """
 
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import OpenEXR
 
+
 def read_channels(path: str | os.PathLike[str], *, view_layer: str = "") -> dict[str, np.ndarray]:
     """Every channel of every part, (H, W) each, row 0 at the top.
 

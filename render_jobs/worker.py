@@ -8,7 +8,6 @@ supervisor keeps for failure records. An asset's folder appears only when comple
 
 import json
 import logging
-import math
 import os
 import shutil
 import sys

@@ -1,0 +1,157 @@
+"""Identity of steps and artifacts: SHA-256 over canonical JSON, derived without reading any tensor.
+
+    source_id          = sha256(source bytes)                                  (computed where sources are read)
+    spec_hash(step)    = H(step, explicit version, params, model weight digests, opted-in environment)
+    artifact_key(s, a) = H("artifact/v1", spec_hash(s), {input role: input id})
+    input id           = source_id for the raw source, else the upstream step's artifact_key
+
+so changing one step's spec changes its keys and, through the input ids, the keys of everything downstream
+of it, and nothing else. Canonical JSON: sorted keys, no whitespace, floats by `repr`, NaN refused.
+"""
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+SOURCE = "source"
+"""The input role naming the raw asset file."""
+
+
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def canonical_json(value: Any) -> str:
+    return _CANONICAL.encode(value)
+
+
+def digest(value: Any) -> str:
+    """Hex SHA-256 of a JSON-able value's canonical form."""
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """What a step computes. Everything that enters `spec_hash` is explicit; code is tracked by `version`."""
+
+    name: str
+    version: str
+    """Bumped by hand when the step's output changes meaning (Dagster's `code_version`)."""
+    inputs: tuple[str, ...] = (SOURCE,)
+    """Input roles: `source` and/or names of upstream steps."""
+    params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    models: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """Model role -> sha256 of its weights."""
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """Opted-in environment facts that change outputs (for example the Blender major version)."""
+    implementation: tuple[str, ...] = ()
+    """Modules whose source defines the step: fingerprinted to catch a forgotten version bump, not hashed."""
+
+    def __post_init__(self) -> None:
+        if not self.name or self.name == SOURCE:
+            raise ValueError(f"invalid step name {self.name!r}")
+        if not self.version:
+            raise ValueError(f"step {self.name!r} needs an explicit version")
+        if len(set(self.inputs)) != len(self.inputs) or not self.inputs:
+            raise ValueError(f"step {self.name!r}: inputs must be distinct and non-empty, got {self.inputs}")
+        canonical_json(self.key_fields())  # params, models and env must be plain JSON
+
+    def key_fields(self) -> dict[str, Any]:
+        return {"step": self.name, "version": self.version, "inputs": sorted(self.inputs), "params": dict(self.params),
+                "models": dict(self.models), "env": dict(self.env)}
+
+    @property
+    def spec_hash(self) -> str:
+        return digest(self.key_fields())
+
+
+def artifact_key(spec_hash: str, inputs: Mapping[str, str]) -> str:
+    """The key of one step's output for one asset: its spec plus the ids of what went in."""
+    return digest({"kind": "artifact/v1", "spec": spec_hash, "inputs": dict(inputs)})
+
+
+class StepGraph:
+    """Steps in dependency order; every input names `source` or an earlier step."""
+
+    def __init__(self, specs: Iterable[StepSpec]) -> None:
+        by_name: dict[str, StepSpec] = {}
+        for spec in specs:
+            if spec.name in by_name:
+                raise ValueError(f"step {spec.name!r} defined twice")
+            by_name[spec.name] = spec
+        self.specs = _topological(by_name)
+        self.spec_hashes = {s.name: s.spec_hash for s in self.specs}
+
+    def __getitem__(self, name: str) -> StepSpec:
+        for spec in self.specs:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"no step {name!r}; steps: {[s.name for s in self.specs]}")
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.specs]
+
+    def downstream(self, name: str) -> set[str]:
+        """`name` and every step that depends on it, directly or not."""
+        found = {name}
+        for spec in self.specs:
+            if found.intersection(spec.inputs):
+                found.add(spec.name)
+        return found
+
+    def asset_keys(self, source_id: str) -> dict[str, tuple[str, dict[str, str]]]:
+        """step -> (artifact_key, {input role: input id}) for one asset."""
+        keys: dict[str, tuple[str, dict[str, str]]] = {}
+        for spec in self.specs:
+            inputs = {role: source_id if role == SOURCE else keys[role][0] for role in spec.inputs}
+            keys[spec.name] = (artifact_key(self.spec_hashes[spec.name], inputs), inputs)
+        return keys
+
+
+def _topological(by_name: dict[str, StepSpec]) -> list[StepSpec]:
+    ordered: list[StepSpec] = []
+    state: dict[str, str] = {}
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "visiting":
+            raise ValueError(f"steps form a cycle: {' -> '.join(path + (name,))}")
+        state[name] = "visiting"
+        for role in by_name[name].inputs:
+            if role == SOURCE:
+                continue
+            if role not in by_name:
+                raise ValueError(f"step {name!r} reads {role!r}, which is neither 'source' nor a step")
+            visit(role, path + (name,))
+        state[name] = "done"
+        ordered.append(by_name[name])
+
+    for name in sorted(by_name):
+        visit(name, ())
+    return ordered
+
+
+def implementation_fingerprint(spec: StepSpec) -> str:
+    """Hash of the step's modules' source plus the installed package version ('' when nothing is tracked)."""
+    if not spec.implementation:
+        return ""
+    sources = {}
+    for module in spec.implementation:
+        found = importlib.util.find_spec(module)
+        if found is None or found.origin is None:
+            raise ModuleNotFoundError(f"step {spec.name!r} tracks module {module!r}, which cannot be found")
+        with open(found.origin, "rb") as f:
+            sources[module] = hashlib.sha256(f.read()).hexdigest()
+    return digest({"modules": sources, "package": package_version()})
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("near-factory")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"

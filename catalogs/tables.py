@@ -1,0 +1,247 @@
+"""The catalog: four Apache Iceberg tables through pyiceberg's SQL catalog (namespace `factory`).
+
+    sources     one row per observed source revision (asset_id, source_id = sha256 of the bytes, ...)
+    step_specs  one row per spec_hash (step, version, params, models, env, implementation fingerprint)
+    artifacts   append-only registry: one row per executed (step, asset) with lineage, status and pack slices
+    samples     overwritten per release (one row per sample and role); releases are tags on its snapshots
+
+The SQL catalog's compare-and-swap on the metadata pointer makes every commit atomic; a commit that loses
+the race is retried on the refreshed table. By default the catalog is an SQLite file beside the data;
+any SQLAlchemy URI (Postgres) serves several hosts.
+"""
+
+import collections
+import datetime
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyiceberg.catalog.sql import SqlCatalog
+from pyiceberg.exceptions import CommitFailedException, NoSuchTableError
+from pyiceberg.table import Table
+from sqlalchemy.exc import OperationalError
+
+from catalogs.keys import StepSpec, implementation_fingerprint, package_version
+
+logger = logging.getLogger(__name__)
+
+NAMESPACE = "factory"
+COMMIT_ATTEMPTS = 20
+
+_TIMESTAMP = pa.timestamp("us", tz="UTC")
+_ARRAY_SLICE = pa.struct([("name", pa.string()), ("row_start", pa.int64()), ("row_count", pa.int64()),
+                          ("shape", pa.list_(pa.int32())), ("dtype", pa.string())])
+_INPUT = pa.struct([("role", pa.string()), ("key", pa.string())])
+
+
+def _required(name: str, type_: pa.DataType) -> pa.Field:
+    return pa.field(name, type_, nullable=False)
+
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "sources": pa.schema([
+        _required("asset_id", pa.string()), _required("source_id", pa.string()), pa.field("uri", pa.string()),
+        pa.field("size", pa.int64()), pa.field("kind", pa.string()), pa.field("origin", pa.string()),
+        pa.field("license", pa.string()), pa.field("attrs_json", pa.string()), _required("observed_at", _TIMESTAMP),
+        pa.field("ingest_run", pa.string()),
+    ]),
+    "step_specs": pa.schema([
+        _required("spec_hash", pa.string()), _required("step", pa.string()), _required("version", pa.string()),
+        pa.field("inputs", pa.list_(pa.string())), pa.field("params_json", pa.string()),
+        pa.field("models_json", pa.string()), pa.field("env_json", pa.string()),
+        pa.field("impl_fingerprint", pa.string()), pa.field("code_version", pa.string()),
+        _required("created_at", _TIMESTAMP),
+    ]),
+    "artifacts": pa.schema([
+        _required("artifact_key", pa.string()), _required("step", pa.string()), _required("spec_hash", pa.string()),
+        _required("asset_id", pa.string()), _required("source_id", pa.string()), pa.field("inputs", pa.list_(_INPUT)),
+        _required("status", pa.string()), pa.field("error", pa.string()), pa.field("pack_path", pa.string()),
+        pa.field("arrays", pa.list_(_ARRAY_SLICE)), pa.field("content_digest", pa.string()),
+        pa.field("stats_json", pa.string()), pa.field("run_id", pa.string()), pa.field("worker", pa.string()),
+        pa.field("duration_s", pa.float32()), _required("created_at", _TIMESTAMP),
+    ]),
+    "samples": pa.schema([
+        _required("sample_id", pa.string()), _required("source_id", pa.string()), _required("split", pa.string()),
+        pa.field("weight", pa.float32()), _required("role", pa.string()), _required("step", pa.string()),
+        _required("artifact_key", pa.string()), _required("pack_path", pa.string()),
+        pa.field("arrays", pa.list_(_ARRAY_SLICE)), pa.field("content_digest", pa.string()),
+    ]),
+}
+
+STATUSES = ("ok", "failed", "skipped_invalid")
+
+
+class StaleVersionError(RuntimeError):
+    """A step's code changed but its explicit version did not."""
+
+
+def utc_now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+class FactoryCatalog:
+    """The four tables of one data root. Tensors live in packs under `data_root`; tables under `warehouse/`."""
+
+    def __init__(self, data_root: str | os.PathLike[str], uri: str | None = None) -> None:
+        self.data_root = Path(data_root).resolve()
+        self.data_root.mkdir(parents=True, exist_ok=True)
+        self.uri = uri or f"sqlite:///{self.data_root / 'catalog.db'}"
+        if self.uri.startswith("sqlite:"):
+            _refuse_network_filesystem(self.data_root)
+        self._catalog = SqlCatalog("near", uri=self.uri, warehouse=(self.data_root / "warehouse").as_uri())
+        self._tables: dict[str, Table] = {}
+        _retry(lambda: self._catalog.create_namespace_if_not_exists(NAMESPACE), "create namespace")
+        for name in SCHEMAS:
+            self._tables[name] = _retry(lambda name=name: self._create(name), f"create table {name}")
+
+    def _create(self, name: str) -> Table:
+        try:
+            return self._catalog.load_table(f"{NAMESPACE}.{name}")
+        except NoSuchTableError:
+            table = self._catalog.create_table_if_not_exists(f"{NAMESPACE}.{name}", schema=SCHEMAS[name])
+            if name == "artifacts" and not table.spec().fields:
+                table.update_spec().add_identity("step").commit()
+            return self._catalog.load_table(f"{NAMESPACE}.{name}")
+
+    def table(self, name: str) -> Table:
+        """The table as last committed (refreshed on every call)."""
+        return self._tables[name].refresh()
+
+    def read(self, name: str, columns: tuple[str, ...] = ("*",), snapshot_id: int | None = None,
+             row_filter: str | None = None) -> pa.Table:
+        table = self.table(name)
+        scan = table.scan(selected_fields=columns, snapshot_id=snapshot_id, **({"row_filter": row_filter} if row_filter else {}))
+        result = scan.to_arrow()
+        return result if result.num_rows else _empty(SCHEMAS[name], columns)
+
+    # -- writes: each is one atomic Iceberg commit -------------------------------------------------------------
+
+    def append(self, name: str, rows: pa.Table, properties: Mapping[str, str] | None = None) -> int:
+        """Append rows in one commit (retried on conflict); returns the new snapshot id."""
+        rows = rows.select(SCHEMAS[name].names).cast(SCHEMAS[name])
+
+        def commit() -> int:
+            table = self.table(name)
+            table.append(rows, snapshot_properties=dict(properties or {}))
+            return table.current_snapshot().snapshot_id
+
+        return _retry(commit, f"append {rows.num_rows} rows to {name}")
+
+    def register_sources(self, rows: pa.Table, run_id: str = "") -> int:
+        rows = _with_defaults(rows, SCHEMAS["sources"], observed_at=utc_now(), ingest_run=run_id)
+        return self.append("sources", rows, {"run_id": run_id})
+
+    def current_sources(self) -> pa.Table:
+        """The latest observed revision of every asset."""
+        rows = self.read("sources")
+        return dedupe_first(rows.sort_by([("asset_id", "ascending"), ("observed_at", "descending")]), "asset_id")
+
+    def register_specs(self, specs: list[StepSpec], code_version: str | None = None, *, strict: bool | None = None) -> list[str]:
+        """Record specs not yet known; returns their spec hashes.
+
+        A step whose recorded implementation fingerprint differs from its current code under the same version
+        probably needs a version bump: that is logged as a warning, or raised (StaleVersionError) when `strict`
+        (default: in CI, i.e. when $CI is set)."""
+        known = self.read("step_specs", ("spec_hash", "step", "version", "impl_fingerprint"))
+        recorded = collections.defaultdict(set)
+        for step, version, fingerprint in zip(known["step"].to_pylist(), known["version"].to_pylist(), known["impl_fingerprint"].to_pylist()):
+            if fingerprint:
+                recorded[(step, version)].add(fingerprint)
+        fingerprints = {s.spec_hash: implementation_fingerprint(s) for s in specs}
+        stale = [f"step {s.name!r} version {s.version!r}: its code changed since that version was recorded; bump the version "
+                 f"if outputs change" for s in specs if fingerprints[s.spec_hash] and recorded[(s.name, s.version)]
+                 and fingerprints[s.spec_hash] not in recorded[(s.name, s.version)]]
+        if stale and (strict if strict is not None else bool(os.environ.get("CI"))):
+            raise StaleVersionError("; ".join(stale))
+        for message in stale:
+            logger.warning(message)
+        new = [s for s in specs if s.spec_hash not in set(known["spec_hash"].to_pylist())]
+        if new:
+            self.append("step_specs", pa.Table.from_pylist([{
+                "spec_hash": s.spec_hash, "step": s.name, "version": s.version, "inputs": list(s.inputs),
+                "params_json": json.dumps(dict(s.params), sort_keys=True), "models_json": json.dumps(dict(s.models), sort_keys=True),
+                "env_json": json.dumps(dict(s.env), sort_keys=True), "impl_fingerprint": fingerprints[s.spec_hash],
+                "code_version": code_version or package_version(), "created_at": utc_now(),
+            } for s in new], schema=SCHEMAS["step_specs"]))
+        return [s.spec_hash for s in specs]
+
+    def commit_artifacts(self, rows: pa.Table, run_id: str) -> int:
+        """Register executed artifacts (their packs are already on disk): the commit point of a batch."""
+        rows = _with_defaults(rows, SCHEMAS["artifacts"], created_at=utc_now(), run_id=run_id)
+        bad = set(rows["status"].to_pylist()) - set(STATUSES)
+        if bad:
+            raise ValueError(f"unknown artifact status {sorted(bad)}; expected {STATUSES}")
+        return self.append("artifacts", rows, {"run_id": run_id, "rows": str(rows.num_rows)})
+
+    def artifact_status(self) -> pa.Table:
+        """(artifact_key, status) with duplicates resolved: `ok` wins, else the latest failure."""
+        rows = self.read("artifacts", ("artifact_key", "status", "created_at"))
+        rank = pc.if_else(pc.equal(rows["status"], "ok"), 0, 1)
+        rows = rows.append_column("rank", rank).sort_by([("artifact_key", "ascending"), ("rank", "ascending"),
+                                                          ("created_at", "descending")])
+        return dedupe_first(rows, "artifact_key").select(["artifact_key", "status"])
+
+    def ok_artifacts(self) -> pa.Table:
+        """Every `ok` artifact row, one per key (the earliest, so re-executions never move a key's bytes)."""
+        rows = self.read("artifacts", row_filter="status == 'ok'")
+        return dedupe_first(rows.sort_by([("artifact_key", "ascending"), ("created_at", "ascending")]), "artifact_key")
+
+
+def dedupe_first(rows: pa.Table, key: str) -> pa.Table:
+    """Keep the first row of each run of equal `key` values (rows sorted by `key`)."""
+    if rows.num_rows == 0:
+        return rows
+    keys = rows[key].combine_chunks()
+    first = pc.fill_null(pc.not_equal(keys, pa.concat_arrays([pa.array([None], keys.type), keys[:-1]])), True)
+    return rows.filter(first)
+
+
+def _with_defaults(rows: pa.Table, schema: pa.Schema, **defaults: Any) -> pa.Table:
+    for name, value in defaults.items():
+        if name not in rows.column_names:
+            rows = rows.append_column(name, pa.array([value] * rows.num_rows, type=schema.field(name).type))
+    for field in schema:
+        if field.name not in rows.column_names:
+            rows = rows.append_column(field.name, pa.nulls(rows.num_rows, field.type))
+    return rows.select(schema.names).cast(schema)
+
+
+def _empty(schema: pa.Schema, columns: tuple[str, ...]) -> pa.Table:
+    names = schema.names if columns == ("*",) else list(columns)
+    return schema.empty_table().select(names)
+
+
+def _retry(operation, what: str):
+    """Run a catalog operation, retrying lost compare-and-swap races and a busy SQLite file with jittered backoff."""
+    for attempt in range(COMMIT_ATTEMPTS):
+        try:
+            return operation()
+        except (CommitFailedException, OperationalError) as err:
+            if attempt == COMMIT_ATTEMPTS - 1:
+                raise
+            wait = min(2.0, 0.05 * 2**attempt) * (0.5 + random.random())
+            logger.debug("%s: %s; retrying in %.2fs", what, type(err).__name__, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def _refuse_network_filesystem(path: Path) -> None:
+    """SQLite's locking is unreliable on network file systems: use a Postgres URI there."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return
+    best, fs_type = "", ""
+    for line in mounts:
+        parts = line.split()
+        if len(parts) >= 3 and str(path).startswith(parts[1].rstrip("/") + "/") and len(parts[1]) > len(best):
+            best, fs_type = parts[1], parts[2]
+    if fs_type.startswith(("nfs", "cifs", "smb", "9p", "fuse.sshfs", "lustre")):
+        raise RuntimeError(f"{path} is on {fs_type}: an SQLite catalog there is unsafe; pass a Postgres URI instead")
