@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pyiceberg.catalog.sql import SqlCatalog
 from pyiceberg.exceptions import CommitFailedException, NoSuchTableError
+from pyiceberg.expressions import AlwaysTrue
 from pyiceberg.table import Table
 from sqlalchemy.exc import OperationalError
 
@@ -117,8 +118,7 @@ class FactoryCatalog:
     def read(self, name: str, columns: tuple[str, ...] = ("*",), snapshot_id: int | None = None,
              row_filter: str | None = None) -> pa.Table:
         table = self.table(name)
-        scan = table.scan(selected_fields=columns, snapshot_id=snapshot_id, **({"row_filter": row_filter} if row_filter else {}))
-        result = scan.to_arrow()
+        result = table.scan(row_filter=row_filter or AlwaysTrue(), selected_fields=columns, snapshot_id=snapshot_id).to_arrow()
         return result if result.num_rows else _empty(SCHEMAS[name], columns)
 
     # -- writes: each is one atomic Iceberg commit -------------------------------------------------------------
