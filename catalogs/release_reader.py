@@ -10,7 +10,6 @@ opened lazily and one asset's role is one slice per array.
 
 import collections
 import dataclasses
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -21,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zarr
 
+from catalogs.keys import sha256_file
 from catalogs.packs import ArraySlice, content_digest, open_pack_array
 
 RELEASE_FILE = "release.json"
@@ -35,14 +35,6 @@ class ReleaseIntegrityError(RuntimeError):
 
 def release_dir(data_root: str | os.PathLike[str], name: str) -> Path:
     return Path(data_root) / "releases" / name
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclasses.dataclass
@@ -65,7 +57,7 @@ class Release:
         if not (folder / RELEASE_FILE).is_file():
             raise FileNotFoundError(f"no release {name!r} under {Path(data_root) / 'releases'}")
         info = json.loads((folder / RELEASE_FILE).read_text())
-        actual = file_sha256(folder / MANIFEST_FILE)
+        actual = sha256_file(folder / MANIFEST_FILE)
         for pinned, source in ((info["manifest_sha256"], RELEASE_FILE), (expected_sha256, "the caller's pin")):
             if pinned is not None and actual != pinned:
                 raise ReleaseIntegrityError(f"release {name!r}: manifest sha256 {actual} does not match {source} ({pinned})")

@@ -20,9 +20,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from catalogs.keys import StepGraph, package_version
+from catalogs.keys import StepGraph, package_version, sha256_file
 from catalogs.planner import target_keys
-from catalogs.release_reader import MANIFEST_FILE, RELEASE_FILE, file_sha256, release_dir
+from catalogs.release_reader import MANIFEST_FILE, RELEASE_FILE, release_dir
 from catalogs.tables import SCHEMAS, FactoryCatalog, utc_now
 
 TAG_PREFIX = "rel-"
@@ -145,6 +145,6 @@ def _publish_exclusive(path: Path, write: Callable[[str], None], *, replace_unpu
         if replace_unpublished and path.exists() and not (path.parent / RELEASE_FILE).exists():
             path.unlink()
         os.link(tmp, path)
-        return file_sha256(path)
+        return sha256_file(path)
     finally:
         os.unlink(tmp)

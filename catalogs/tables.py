@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 from pyiceberg.catalog.sql import SqlCatalog
-from pyiceberg.exceptions import CommitFailedException, NoSuchTableError
+from pyiceberg.exceptions import CommitFailedException
 from pyiceberg.expressions import AlwaysTrue
 from pyiceberg.table import Table
 from sqlalchemy.exc import OperationalError
@@ -103,13 +103,10 @@ class FactoryCatalog:
             self._tables[name] = _retry(lambda name=name: self._create(name), f"create table {name}")
 
     def _create(self, name: str) -> Table:
-        try:
-            return self._catalog.load_table(f"{NAMESPACE}.{name}")
-        except NoSuchTableError:
-            table = self._catalog.create_table_if_not_exists(f"{NAMESPACE}.{name}", schema=SCHEMAS[name])
-            if name == "artifacts" and not table.spec().fields:
-                table.update_spec().add_identity("step").commit()
-            return self._catalog.load_table(f"{NAMESPACE}.{name}")
+        table = self._catalog.create_table_if_not_exists(f"{NAMESPACE}.{name}", schema=SCHEMAS[name])
+        if name == "artifacts" and not table.spec().fields:
+            table.update_spec().add_identity("step").commit()
+        return table
 
     def table(self, name: str) -> Table:
         """The table as last committed (refreshed on every call)."""
@@ -162,7 +159,8 @@ class FactoryCatalog:
             raise StaleVersionError("; ".join(stale))
         for message in stale:
             logger.warning(message)
-        new = [s for s in specs if s.spec_hash not in set(known["spec_hash"].to_pylist())]
+        known_hashes = set(known["spec_hash"].to_pylist())
+        new = [s for s in specs if s.spec_hash not in known_hashes]
         if new:
             self.append("step_specs", pa.Table.from_pylist([{
                 "spec_hash": s.spec_hash, "step": s.name, "version": s.version, "inputs": list(s.inputs),
@@ -181,17 +179,21 @@ class FactoryCatalog:
         return self.append("artifacts", rows, {"run_id": run_id, "rows": str(rows.num_rows)})
 
     def artifact_status(self) -> pa.Table:
-        """(artifact_key, status) with duplicates resolved: `ok` wins, else the latest failure."""
-        rows = self.read("artifacts", ("artifact_key", "status", "created_at"))
-        rank = pc.if_else(pc.equal(rows["status"], "ok"), 0, 1)
-        rows = rows.append_column("rank", rank).sort_by([("artifact_key", "ascending"), ("rank", "ascending"),
-                                                          ("created_at", "descending")])
-        return dedupe_first(rows, "artifact_key").select(["artifact_key", "status"])
+        """(artifact_key, status) with duplicates resolved: see `resolve_status`."""
+        return resolve_status(self.read("artifacts", ("artifact_key", "status", "created_at"))).select(["artifact_key", "status"])
 
     def ok_artifacts(self) -> pa.Table:
         """Every `ok` artifact row, one per key (the earliest, so re-executions never move a key's bytes)."""
         rows = self.read("artifacts", row_filter="status == 'ok'")
         return dedupe_first(rows.sort_by([("artifact_key", "ascending"), ("created_at", "ascending")]), "artifact_key")
+
+
+def resolve_status(rows: pa.Table) -> pa.Table:
+    """One row per artifact_key of registry rows (with `status`, `created_at`): `ok` wins, else the latest failure."""
+    rank = pc.if_else(pc.equal(rows["status"], "ok"), 0, 1)
+    rows = rows.append_column("rank", rank).sort_by([("artifact_key", "ascending"), ("rank", "ascending"),
+                                                      ("created_at", "descending")])
+    return dedupe_first(rows, "artifact_key").drop_columns(["rank"])
 
 
 def dedupe_first(rows: pa.Table, key: str) -> pa.Table:

@@ -27,17 +27,16 @@ def verify_catalog(catalog: FactoryCatalog, *, deep: bool = False, on_row: Calla
     """Every `ok` artifact: its pack exists; with `deep`, its bytes still hash to its content digest."""
     rows = catalog.ok_artifacts().select(["artifact_key", "step", "asset_id", "pack_path", "arrays", "content_digest"])
     for row in rows.to_pylist():
-        where = f"{row['step']}/{row['asset_id']}"
-        if not (catalog.data_root / row["pack_path"]).is_dir():
-            yield Problem(where, f"pack {row['pack_path']} is missing")
-        elif deep:
-            yield from _check(catalog.data_root, where, row)
+        yield from _check(catalog.data_root, f"{row['step']}/{row['asset_id']}", row, deep=deep)
         on_row()
 
 
-def _check(data_root, where: str, row: dict) -> Iterator[Problem]:
+def _check(data_root, where: str, row: dict, *, deep: bool = True) -> Iterator[Problem]:
+    """The row's pack exists and, when `deep`, its bytes still hash to the recorded digest."""
     if not (data_root / row["pack_path"]).is_dir():
         yield Problem(where, f"pack {row['pack_path']} is missing")
+        return
+    if not deep:
         return
     arrays = read_asset(data_root, row["pack_path"], [ArraySlice.from_dict(a) for a in row["arrays"]])
     if content_digest(arrays) != row["content_digest"]:

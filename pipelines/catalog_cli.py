@@ -13,7 +13,7 @@ from rich.table import Table
 
 from catalogs.gc import DEFAULT_GRACE_S, GcRefused, collect_garbage, find_garbage
 from catalogs.release_reader import RELEASE_FILE, Release, ReleaseIntegrityError
-from catalogs.tables import SCHEMAS, FactoryCatalog
+from catalogs.tables import SCHEMAS, FactoryCatalog, resolve_status
 from catalogs.verify import verify_catalog, verify_release
 
 console = Console()
@@ -80,10 +80,9 @@ def show(ctx: click.Context, release: str | None) -> None:
         console.print(table)
         return
     cat = _open(ctx)
-    rows = cat.read("artifacts", ("artifact_key", "step", "status"))
-    status = cat.artifact_status()
-    steps = dict(zip(rows["artifact_key"].to_pylist(), rows["step"].to_pylist()))
-    counts = collections.Counter((steps[k], s) for k, s in zip(status["artifact_key"].to_pylist(), status["status"].to_pylist()))
+    rows = cat.read("artifacts", ("artifact_key", "step", "status", "created_at"))
+    status = resolve_status(rows)
+    counts = collections.Counter(zip(status["step"].to_pylist(), status["status"].to_pylist()))
     table = Table("step", "ok", "failed", "skipped_invalid", "rows (with retries)", title=f"artifacts in {ctx.obj['root']}")
     raw = collections.Counter(rows["step"].to_pylist())
     for step in sorted({s for s, _ in counts}):

@@ -1,6 +1,7 @@
 """The `near` command line: progress bars and tables live here, nowhere below."""
 
 import collections
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -12,7 +13,6 @@ from rich.table import Table
 
 from infra.errors import ConfigError
 from infra.logs import setup_logging
-from pipelines.catalog_cli import catalog
 from pipelines.demo import DemoConfig, generate_demo_assets
 from pipelines.local_render import AssetRecord, render_files
 from render_jobs.formats import find_asset_files
@@ -22,7 +22,22 @@ from render_jobs.supervisor import RenderSupervisor, RenderWorkerConfig
 console = Console(stderr=True)
 
 
-@click.group()
+class _LazyGroup(click.Group):
+    """Loads command groups with heavy imports (pyiceberg, zarr) on first use, so `near render` starts light."""
+
+    LAZY = {"catalog": "pipelines.catalog_cli:catalog"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.LAZY])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.LAZY:
+            module, attr = self.LAZY[name].split(":")
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_LazyGroup)
 @click.option("-v", "--verbose", count=True, help="-v for progress logs, -vv for debug logs.")
 def cli(verbose: int) -> None:
     """NeAR factory: relightable LH-SLAT datasets from 3D assets."""
@@ -154,9 +169,6 @@ def demo(out: Path, seed: int, resolution: int, samples: int, render_python: str
     console.print(f"contact sheets: {len(sheets)} beauty sheets under {out / 'renders'} (e.g. {sheets[0] if sheets else '-'})")
     if any(not r.result.is_ok for records in summaries.values() for r in records):
         sys.exit(1)
-
-
-cli.add_command(catalog)
 
 
 def main() -> None:

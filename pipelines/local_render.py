@@ -1,23 +1,14 @@
 """Render a list of asset files with one recipe on this machine, through one supervised render child."""
 
 import dataclasses
-import hashlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from catalogs.keys import sha256_file
 from render_jobs.protocol import RenderRequest, RenderResult
 from render_jobs.recipes import RecipeConfig
 from render_jobs.supervisor import RenderSupervisor, RenderWorkerConfig
-
-
-def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def asset_dir_name(path: Path, source_id: str) -> str:
