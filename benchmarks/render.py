@@ -3,6 +3,7 @@ with several concurrent render children.
 
     python benchmarks/render.py --resolution 64 256 --views 4 --allow-software-gl --out benchmarks/results/render_cpu.json
     python benchmarks/render.py --resolution 512 --views 32 --children 1 8 --out render_h100.json   # on a GPU
+    python benchmarks/render.py --resolution 512 --recipes --children 8 12 --samples 16 8 --gpu-backend vulkan --out ...
 
 Seeds are fixed (demo assets seed 0, recipe seed 0); the JSON records the machine, GL renderer and versions.
 """
@@ -17,11 +18,14 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from infra.environments import find_render_python  # noqa: E402
 from pipelines.demo import generate_demo_assets  # noqa: E402
 from pipelines.local_render import render_files  # noqa: E402
+from render_jobs.protocol import GPU_BACKENDS  # noqa: E402
 from render_jobs.recipes import RECIPE_NAMES, recipe_config  # noqa: E402
 from render_jobs.supervisor import RenderSupervisor, RenderWorkerConfig  # noqa: E402
 
@@ -57,14 +61,16 @@ def bench_recipe(name: str, resolution: int, views: int, assets: list[Path], wor
         "first_frame_s": first["render_s"], "first_frame_new_material_warm_child_s": second["render_s"],
         "steady_frames": frames, "steady_per_view_s": steady["render_s"] / frames,
         "steady_blender_per_view_s": steady["blender_s"] / frames, "steady_views_per_s": frames / steady["render_s"],
-        "gl_renderer": info.gl_renderer,
+        "gpu_backend": info.gpu_backend, "gl_renderer": info.gl_renderer,
     }
 
 
-def bench_concurrency(children: int, resolution: int, views: int, assets: list[Path], worker: RenderWorkerConfig, out: Path) -> dict:
-    """`children` supervised children render the `lh` recipe at once after their warm-up; total views per second."""
-    recipe = recipe_config("lh", num_views=views, resolution_px=resolution)
-    warm = recipe_config("lh", num_views=1, resolution_px=resolution)
+def bench_concurrency(children: int, resolution: int, samples: int, views: int, assets: list[Path], worker: RenderWorkerConfig,
+                      out: Path) -> dict:
+    """`children` supervised children render the `lh` recipe at once after their warm-up; total views per second
+    and the share of the machine's CPU time they took."""
+    recipe = recipe_config("lh", num_views=views, resolution_px=resolution, samples=samples)
+    warm = recipe_config("lh", num_views=1, resolution_px=resolution, samples=samples)
     supervisors = [RenderSupervisor(worker) for _ in range(children)]
     threads = [threading.Thread(target=s.start) for s in supervisors]
     [t.start() for t in threads]
@@ -72,15 +78,18 @@ def bench_concurrency(children: int, resolution: int, views: int, assets: list[P
     for i, s in enumerate(supervisors):  # pay the first-frame cost of the materials once per child
         for asset in assets:
             _one(s, asset, warm, out / f"warm{i}", worker)
+    psutil.cpu_percent()  # starts the CPU-time window
     started = time.perf_counter()
     threads = [threading.Thread(target=lambda s=s, i=i: [_one(s, a, recipe, out / f"c{i}", worker) for a in assets])
                for i, s in enumerate(supervisors)]
     [t.start() for t in threads]
     [t.join() for t in threads]
     wall = time.perf_counter() - started
+    cpu_busy = psutil.cpu_percent() / 100
     [s.close() for s in supervisors]
     frames = children * len(assets) * views
-    return {"children": children, "recipe": "lh", "resolution_px": resolution, "views": frames, "wall_s": wall, "views_per_s": frames / wall}
+    return {"children": children, "recipe": "lh", "resolution_px": resolution, "samples": samples, "gpu_backend": worker.gpu_backend,
+            "views": frames, "wall_s": wall, "views_per_s": frames / wall, "cpu_busy": cpu_busy}
 
 
 def main() -> None:
@@ -89,12 +98,15 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=4, help="views of the steady-state measurement")
     parser.add_argument("--recipes", nargs="*", default=list(RECIPE_NAMES), choices=RECIPE_NAMES, help="recipes to time one child on")
     parser.add_argument("--children", type=int, nargs="*", default=[], help="concurrent children to measure (lh)")
+    parser.add_argument("--samples", type=int, nargs="+", default=[16], help="EEVEE samples of the concurrency runs")
+    parser.add_argument("--gpu-backend", choices=GPU_BACKENDS, default="opengl")
     parser.add_argument("--allow-software-gl", action="store_true")
     parser.add_argument("--render-python", default=None)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     python = find_render_python(args.render_python)
-    worker = RenderWorkerConfig(render_python=str(python), allow_software_gl=args.allow_software_gl, timeout_s=1800)
+    worker = RenderWorkerConfig(render_python=str(python), allow_software_gl=args.allow_software_gl, timeout_s=1800,
+                                gpu_backend=args.gpu_backend)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         assets = generate_demo_assets(tmp / "assets", seed=0, render_python=str(python))
@@ -104,9 +116,11 @@ def main() -> None:
             for name in args.recipes:
                 results["recipes"].append(bench_recipe(name, resolution, args.views, assets, worker, tmp / f"{name}{resolution}"))
                 print(json.dumps(results["recipes"][-1]), flush=True)
-            for children in args.children:
-                results["concurrency"].append(bench_concurrency(children, resolution, args.views, assets, worker, tmp / f"conc{children}"))
-                print(json.dumps(results["concurrency"][-1]), flush=True)
+            for samples in args.samples:
+                for children in args.children:
+                    results["concurrency"].append(
+                        bench_concurrency(children, resolution, samples, args.views, assets, worker, tmp / f"conc{children}-{samples}"))
+                    print(json.dumps(results["concurrency"][-1]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
 

@@ -15,6 +15,7 @@ class Reason(str, enum.Enum):
     OOM = "oom"
     WORKER_CRASHED = "worker_crashed"
     GL_SOFTWARE_FALLBACK = "gl_software_fallback"
+    GPU_BACKEND_UNAVAILABLE = "gpu_backend_unavailable"
     NAN_BBOX = "nan_bbox"
     RENDER_ERROR = "render_error"
 

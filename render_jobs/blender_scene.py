@@ -41,8 +41,9 @@ def reset() -> None:
 
 
 def gl_info() -> dict[str, str]:
-    """The GL implementation EEVEE draws with; only available after a first render."""
+    """The GPU backend and implementation EEVEE draws with; only available after a first render."""
     return {
+        "gpu_backend": gpu.platform.backend_type_get().lower(),
         "gl_renderer": gpu.platform.renderer_get(),
         "gl_vendor": gpu.platform.vendor_get(),
         "gl_device_type": gpu.platform.device_type_get(),
@@ -245,6 +246,84 @@ def _is_missing(image: Any) -> bool:
     if image.packed_file or image.source not in ("FILE", "SEQUENCE", "MOVIE"):
         return False
     return not os.path.isfile(bpy.path.abspath(image.filepath, library=image.library))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Materials: shading from node groups whose library is missing
+
+
+def rebuild_missing_shader_groups() -> list[str]:
+    """Replace shader node groups whose library is missing by a Principled BSDF wired from the group's inputs.
+
+    Old glTF importers shaded through a group ("glTF Metallic Roughness") linked from a library that GitHub
+    assets rarely ship; Blender keeps the group node and its links but the empty placeholder renders black.
+    The group's input names say what its textures are (base color, packed metallic-roughness, normal, ...),
+    which is enough to rebuild the intended material. Returns the names of the materials rebuilt.
+    """
+    rebuilt = []
+    for material in bpy.data.materials:
+        tree = material.node_tree
+        if tree is None or material.library is not None:
+            continue
+        groups = [n for n in tree.nodes if n.type == "GROUP" and _is_missing_group(n.node_tree)]
+        for group in groups:
+            if any(socket.is_linked for socket in group.outputs):
+                _replace_with_principled(tree, group)
+        if groups:
+            rebuilt.append(material.name)
+    return rebuilt
+
+
+def _is_missing_group(group_tree: Any) -> bool:
+    return group_tree is None or group_tree.is_missing or len(group_tree.nodes) == 0
+
+
+_GROUP_INPUT_ROLES = {
+    "basecolor": "Base Color", "basecolour": "Base Color", "color": "Base Color", "diffuse": "Base Color",
+    "albedo": "Base Color", "metallic": "Metallic", "metalness": "Metallic", "roughness": "Roughness",
+    "emissive": "Emission Color", "emission": "Emission Color", "alpha": "Alpha", "opacity": "Alpha",
+    "normal": "normal_map", "metallicroughness": "packed_orm", "occlusionroughnessmetallic": "packed_orm",
+}
+
+
+def _replace_with_principled(tree: Any, group: Any) -> None:
+    bsdf = tree.nodes.new("ShaderNodeBsdfPrincipled")
+    bsdf.location = group.location
+    for socket in group.inputs:
+        role = _GROUP_INPUT_ROLES.get(socket.name.lower().replace(" ", "").replace("_", ""))
+        if role is None:
+            continue
+        source = socket.links[0].from_socket if socket.is_linked else None
+        if role == "packed_orm":  # glTF packing: G = roughness, B = metallic
+            if source is not None:
+                split = tree.nodes.new("ShaderNodeSeparateColor")
+                tree.links.new(source, split.inputs["Color"])
+                tree.links.new(split.outputs["Green"], bsdf.inputs["Roughness"])
+                tree.links.new(split.outputs["Blue"], bsdf.inputs["Metallic"])
+        elif role == "normal_map":
+            if source is not None:
+                normal_map = tree.nodes.new("ShaderNodeNormalMap")
+                tree.links.new(source, normal_map.inputs["Color"])
+                tree.links.new(normal_map.outputs["Normal"], bsdf.inputs["Normal"])
+        elif source is not None:
+            tree.links.new(source, bsdf.inputs[role])
+            if role == "Emission Color":
+                bsdf.inputs["Emission Strength"].default_value = 1.0
+        elif hasattr(socket, "default_value"):
+            _copy_value(socket.default_value, bsdf.inputs[role])
+    for output in group.outputs:
+        for link in output.links:
+            tree.links.new(bsdf.outputs["BSDF"], link.to_socket)
+    tree.nodes.remove(group)
+
+
+def _copy_value(value: Any, target: Any) -> None:
+    """Copy an unlinked group input's value when its kind (scalar or vector of the same size) matches."""
+    if isinstance(target.default_value, float):
+        if isinstance(value, (int, float)):
+            target.default_value = float(value)
+    elif not isinstance(value, (int, float)) and len(value) == len(target.default_value):
+        target.default_value = tuple(value)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -8,6 +8,10 @@ import json
 from typing import Any, Literal, Self
 
 Status = Literal["ok", "failed"]
+GpuBackend = Literal["opengl", "vulkan"]
+GPU_BACKENDS: tuple[str, ...] = ("opengl", "vulkan")
+GPU_BACKEND_ENV_VAR = "NEAR_GPU_BACKEND"
+"""How the supervisor tells a child which GPU backend to start Blender with (render_jobs.gpu_backend)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,10 +28,12 @@ class RenderRequest:
 
 @dataclasses.dataclass(frozen=True)
 class WorkerInfo:
-    """What the child reports once it is ready: which Blender and which GL implementation it renders with."""
+    """What the child reports once it is ready: which Blender, GPU backend and GL implementation it renders with."""
 
     pid: int
     bpy_version: str
+    gpu_backend: str
+    """'opengl' or 'vulkan', as Blender reports it after the warm-up render."""
     gl_renderer: str
     gl_vendor: str
     gl_device_type: str

@@ -25,7 +25,8 @@ from render_jobs import contact_sheet, render_set
 from render_jobs.cameras import focal_px
 from render_jobs.exr import read_channels, write_channels
 from render_jobs.formats import detect_format
-from render_jobs.protocol import RenderRequest, RenderResult, WorkerInfo, decode, encode
+from render_jobs.gpu_backend import select_gpu_backend
+from render_jobs.protocol import GPU_BACKEND_ENV_VAR, RenderRequest, RenderResult, WorkerInfo, decode, encode
 from render_jobs.recipes import RecipeConfig, plan_frames
 
 logger = logging.getLogger(__name__)
@@ -69,11 +70,12 @@ def render_asset(request: RenderRequest, scratch: Path, scene: Any, info: Worker
             raise AssetRejected(str(asset), Reason.UNSUPPORTED_FORMAT, f"unrecognised content and extension {asset.suffix!r}")
         scene.load_asset(asset, fmt)
         dropped = scene.sanitize()
+        rebuilt = scene.rebuild_missing_shader_groups()
         timings["import_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
         normalization = scene.normalize(str(asset))
-        stats = {"format": fmt, **scene.asset_stats(), "dropped": dropped}
+        stats = {"format": fmt, **scene.asset_stats(), "dropped": dropped, "rebuilt_materials": rebuilt}
         scene.add_material_aovs(tuple(p for p in recipe.passes if p in scene.VIEW_LAYER_AOVS))
         partial.mkdir(parents=True)
         vertices, faces = scene.mesh_arrays()
@@ -233,7 +235,8 @@ def main() -> None:
     sys.stdout = sys.stderr
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
-    from render_jobs import blender_scene as scene  # the only bpy import, after the redirect
+    select_gpu_backend(os.environ.get(GPU_BACKEND_ENV_VAR, "opengl"))
+    from render_jobs import blender_scene as scene  # the only bpy import, after the redirect and the backend
 
     scene.disable_auto_run_scripts()
     scratch = Path(tempfile.mkdtemp(prefix="near-render-"))

@@ -84,7 +84,9 @@ def test_outcome_matches_the_assets_readme(shared_report, relpath):
         for pass_name in ("beauty", "alpha", "depth", "normal", "basecolor", "roughness", "metallic", "shadow"):
             assert frame.load(pass_name).shape[:2] == (32, 32)
             assert (render_set.root / "contact_sheets" / f"{pass_name}.png").is_file()
-        assert frame.load("alpha").max() > 0
+        alpha, beauty = frame.load("alpha"), frame.load("beauty")
+        assert alpha.max() > 0
+        assert beauty[alpha > 0.5].mean() > 0.01, "the asset renders black: its shading is lost"
         assert record["stats"]["faces"] > 0 and record["stats"]["vertices"] > 0
 
 
@@ -92,6 +94,18 @@ def test_missing_textures_are_counted(shared_report):
     assert shared_report["gltf-blender-io/scenes/01_missing_textures.blend"]["stats"]["missing_textures"] == 1
     assert shared_report["gltf-blender-io/scenes/RobotExpressive.blend"]["stats"]["missing_textures"] >= 1
     assert shared_report["gltf-blender-io/scenes/01_textured_sphere.blend"]["stats"]["textures"] >= 3
+
+
+@pytest.mark.parametrize("relpath", ["gltf-blender-io/scenes/02_suzanne.blend", "gltf-blender-io/scenes/01_metallic_sphere.blend"])
+def test_shading_from_a_missing_library_group_is_rebuilt(shared_report, relpath):
+    assert shared_report[relpath]["stats"]["rebuilt_materials"]
+
+
+def test_rebuilt_material_reads_the_groups_base_color_texture(shared_report):
+    """Suzanne's base color texture is a flat sRGB grey of 0.745 (linear 0.515); the default grey would be 0.8."""
+    frame = RenderSet.open(shared_report["gltf-blender-io/scenes/02_suzanne.blend"]["output_dir"]).frames[0]
+    alpha, basecolor = frame.load("alpha"), frame.load("basecolor")
+    assert basecolor[alpha > 0.99].mean() == pytest.approx(0.515, abs=0.03)
 
 
 def test_linked_collection_instance_renders_its_meshes(shared_report):
