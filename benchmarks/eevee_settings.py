@@ -19,12 +19,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from infra.environments import find_render_python  # noqa: E402
+from render_jobs.contact_sheet import srgb_encode  # noqa: E402
 from render_jobs.protocol import GPU_BACKEND_ENV_VAR  # noqa: E402
 
 SOURCE_ID = "0" * 64  # fixed cameras
@@ -34,21 +36,29 @@ SOURCE_ID = "0" * 64  # fixed cameras
 # Render-env side
 
 
-def _scene_for(asset: Path, variant: dict):
-    """Load `asset` like the worker does and return (rig, frames) for an `lh` recipe set up as `variant` says."""
+def _start_blender(variant: dict) -> tuple[Any, Path]:
+    """Import bpy with the variant's GPU backend and render the warm-up frame, as a render child does."""
+    from render_jobs.gpu_backend import select_gpu_backend
+
+    select_gpu_backend(variant.get("gpu_backend", "opengl"))
+    from render_jobs import blender_scene as scene
+
+    scratch = Path(tempfile.mkdtemp(prefix="near-eevee-"))
+    scene.disable_auto_run_scripts()
+    scene.warm_up(scratch)
+    return scene, scratch
+
+
+def _scene_for(scene: Any, asset: Path, variant: dict):
+    """Prepare `asset` exactly as the worker does and return (rig, frames) of an `lh` recipe set up as `variant` says."""
     import bpy
 
-    from render_jobs import blender_scene as scene
-    from render_jobs.formats import detect_format
     from render_jobs.recipes import plan_frames, recipe_config
+    from render_jobs.worker import prepare_scene
 
     recipe = recipe_config("lh", resolution_px=variant.get("resolution", 512), samples=variant.get("samples", 16))
     recipe = recipe.replace(passes=tuple(variant.get("passes", recipe.passes)))
-    scene.load_asset(asset, detect_format(asset))
-    scene.sanitize()
-    scene.rebuild_missing_shader_groups()
-    scene.normalize(str(asset))
-    scene.add_material_aovs(tuple(p for p in recipe.passes if p in scene.VIEW_LAYER_AOVS))
+    prepare_scene(scene, asset, recipe)
     rig = scene.RenderRig(recipe, {})
     for path, value in variant.get("eevee", {}).items():
         *parents, name = path.split(".")
@@ -61,15 +71,8 @@ def _scene_for(asset: Path, variant: dict):
 
 def child_throughput(asset: Path, variant: dict, sync: Path, rank: int) -> None:
     """Render frames of `asset` from the shared start time until the window closes; print how many."""
-    from render_jobs.gpu_backend import select_gpu_backend
-
-    select_gpu_backend(variant.get("gpu_backend", "opengl"))
-    from render_jobs import blender_scene as scene
-
-    scratch = Path(tempfile.mkdtemp(prefix="near-eevee-"))
-    scene.disable_auto_run_scripts()
-    scene.warm_up(scratch)
-    rig, frames = _scene_for(asset, variant)
+    scene, scratch = _start_blender(variant)
+    rig, frames = _scene_for(scene, asset, variant)
 
     def render(i: int) -> None:
         rig.set_view(frames[i % len(frames)].view)
@@ -92,20 +95,14 @@ def child_throughput(asset: Path, variant: dict, sync: Path, rank: int) -> None:
 
 
 def child_quality(assets: list[Path], samples: list[int], views: int, out: Path, variant: dict) -> None:
-    """Save beauty (sRGB-encoded RGB) and base color of `views` lh views per asset and sample count."""
-    from render_jobs.gpu_backend import select_gpu_backend
-
-    select_gpu_backend(variant.get("gpu_backend", "opengl"))
+    """Save beauty and base color (linear RGB) of `views` lh views per asset and sample count."""
     import bpy
 
-    from render_jobs import blender_scene as scene
     from render_jobs.exr import read_channels
 
-    scratch = Path(tempfile.mkdtemp(prefix="near-eevee-"))
-    scene.disable_auto_run_scripts()
-    scene.warm_up(scratch)
+    scene, scratch = _start_blender(variant)
     for asset in assets:
-        rig, frames = _scene_for(asset, variant)
+        rig, frames = _scene_for(scene, asset, variant)
         picked = frames[:: len(frames) // views][:views]
         arrays = {}
         for spp in samples:
@@ -160,11 +157,6 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
-def _srgb(linear: np.ndarray) -> np.ndarray:
-    x = np.clip(linear, 0.0, 1.0)
-    return np.where(x <= 0.0031308, 12.92 * x, 1.055 * np.power(x, 1 / 2.4) - 0.055)
-
-
 def run_quality(render_python: Path, assets: list[Path], samples: list[int], views: int, variant: dict) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         child = _child(render_python, ["child-quality", tmp, str(views), *map(str, samples), "--assets", *map(str, assets)], variant)
@@ -177,8 +169,8 @@ def run_quality(render_python: Path, assets: list[Path], samples: list[int], vie
             for spp in samples[:-1]:
                 row = {"asset": asset.stem, "samples": spp, "reference_samples": reference}
                 for kind in ("beauty", "basecolor"):
-                    a = _srgb(np.stack([data[f"{spp}/{k}/{kind}"] for k in range(views)]))
-                    b = _srgb(np.stack([data[f"{reference}/{k}/{kind}"] for k in range(views)]))
+                    a = srgb_encode(np.stack([data[f"{spp}/{k}/{kind}"] for k in range(views)]))
+                    b = srgb_encode(np.stack([data[f"{reference}/{k}/{kind}"] for k in range(views)]))
                     row[f"{kind}_psnr_db"] = _psnr(a, b)
                     row[f"{kind}_p99_abs"] = float(np.quantile(np.abs(a - b), 0.99))
                 results.append(row)

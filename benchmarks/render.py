@@ -10,6 +10,7 @@ Seeds are fixed (demo assets seed 0, recipe seed 0); the JSON records the machin
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -42,6 +43,14 @@ def _one(supervisor, asset, recipe, out, worker) -> dict:
     return record.result.timings_s
 
 
+def _in_parallel(targets: list) -> None:
+    threads = [threading.Thread(target=target) for target in targets]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def bench_recipe(name: str, resolution: int, views: int, assets: list[Path], worker: RenderWorkerConfig, out: Path) -> dict:
     """A fresh child: start-up, first frame of a first and of a second material, then steady views."""
     lightings = 2 if name == "relight" else None
@@ -72,21 +81,17 @@ def bench_concurrency(children: int, resolution: int, samples: int, views: int, 
     recipe = recipe_config("lh", num_views=views, resolution_px=resolution, samples=samples)
     warm = recipe_config("lh", num_views=1, resolution_px=resolution, samples=samples)
     supervisors = [RenderSupervisor(worker) for _ in range(children)]
-    threads = [threading.Thread(target=s.start) for s in supervisors]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
+    _in_parallel([s.start for s in supervisors])
     for i, s in enumerate(supervisors):  # pay the first-frame cost of the materials once per child
         for asset in assets:
             _one(s, asset, warm, out / f"warm{i}", worker)
     psutil.cpu_percent()  # starts the CPU-time window
     started = time.perf_counter()
-    threads = [threading.Thread(target=lambda s=s, i=i: [_one(s, a, recipe, out / f"c{i}", worker) for a in assets])
-               for i, s in enumerate(supervisors)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
+    _in_parallel([lambda s=s, i=i: [_one(s, a, recipe, out / f"c{i}", worker) for a in assets] for i, s in enumerate(supervisors)])
     wall = time.perf_counter() - started
     cpu_busy = psutil.cpu_percent() / 100
-    [s.close() for s in supervisors]
+    for s in supervisors:
+        s.close()
     frames = children * len(assets) * views
     return {"children": children, "recipe": "lh", "resolution_px": resolution, "samples": samples, "gpu_backend": worker.gpu_backend,
             "views": frames, "wall_s": wall, "views_per_s": frames / wall, "cpu_busy": cpu_busy}
@@ -110,7 +115,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         assets = generate_demo_assets(tmp / "assets", seed=0, render_python=str(python))
-        results = {"machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count(), "python": sys.version.split()[0]},
+        results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0]},
                    "import_bpy_s": _import_time_s(python), "recipes": [], "concurrency": []}
         for resolution in args.resolution:
             for name in args.recipes:

@@ -265,11 +265,11 @@ def rebuild_missing_shader_groups() -> list[str]:
         tree = material.node_tree
         if tree is None or material.library is not None:
             continue
-        groups = [n for n in tree.nodes if n.type == "GROUP" and _is_missing_group(n.node_tree)]
-        for group in groups:
-            if any(socket.is_linked for socket in group.outputs):
-                _replace_with_principled(tree, group)
-        if groups:
+        shading = [n for n in tree.nodes if n.type == "GROUP" and _is_missing_group(n.node_tree)
+                   and any(socket.is_linked for socket in n.outputs)]
+        for group in shading:
+            _replace_with_principled(tree, group)
+        if shading:
             rebuilt.append(material.name)
     return rebuilt
 

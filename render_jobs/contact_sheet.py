@@ -10,7 +10,8 @@ BACKGROUND = 0.18
 """Mid-grey behind transparent pixels, so dark and bright objects both read."""
 
 
-def _srgb(linear: np.ndarray) -> np.ndarray:
+def srgb_encode(linear: np.ndarray) -> np.ndarray:
+    """Linear values clipped to [0, 1], sRGB-encoded."""
     x = np.clip(linear, 0.0, 1.0)
     return np.where(x <= 0.0031308, 12.92 * x, 1.055 * np.power(x, 1.0 / 2.4) - 0.055)
 
@@ -55,9 +56,9 @@ def preview_tile(pass_name: str, data: np.ndarray, alpha: np.ndarray, size_px: i
     else:  # alpha, roughness, metallic, shadow: one channel shown as grey
         rgb = np.repeat((data if data.ndim == 2 else data.mean(-1))[..., None], 3, axis=2)
     if pass_name == "beauty":
-        composited = _srgb(rgb + _BACKGROUND_LINEAR * (1.0 - a))
+        composited = srgb_encode(rgb + _BACKGROUND_LINEAR * (1.0 - a))
     elif pass_name == "basecolor":
-        composited = _srgb(rgb) * a + BACKGROUND * (1.0 - a)
+        composited = srgb_encode(rgb) * a + BACKGROUND * (1.0 - a)
     else:
         composited = np.clip(rgb, 0.0, 1.0) * a + BACKGROUND * (1.0 - a)
     return (np.clip(composited, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)

@@ -5,11 +5,11 @@ Both sides import this module (main env and render env), so it is stdlib only.
 
 import dataclasses
 import json
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, get_args
 
 Status = Literal["ok", "failed"]
 GpuBackend = Literal["opengl", "vulkan"]
-GPU_BACKENDS: tuple[str, ...] = ("opengl", "vulkan")
+GPU_BACKENDS: tuple[str, ...] = get_args(GpuBackend)
 GPU_BACKEND_ENV_VAR = "NEAR_GPU_BACKEND"
 """How the supervisor tells a child which GPU backend to start Blender with (render_jobs.gpu_backend)."""
 

@@ -50,6 +50,29 @@ def _env_maps(recipe: RecipeConfig, scene: Any) -> dict[str, Path]:
     return maps
 
 
+def prepare_scene(scene: Any, asset: Path, recipe: RecipeConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load `asset` and make it what every recipe renders: sanitized, shading from missing libraries rebuilt,
+    normalized to [-0.5, 0.5]^3, the recipe's AOVs wired. Returns (normalization, stats).
+
+    Raises:
+        AssetRejected: unreadable, empty or unrecognised files, importer failures, nothing to render.
+    """
+    if not asset.is_file():
+        raise AssetRejected(str(asset), Reason.IMPORT_ERROR, "not a readable file")
+    if asset.stat().st_size == 0:
+        raise AssetRejected(str(asset), Reason.IMPORT_ERROR, "file is empty")
+    fmt = detect_format(asset)
+    if fmt is None:
+        raise AssetRejected(str(asset), Reason.UNSUPPORTED_FORMAT, f"unrecognised content and extension {asset.suffix!r}")
+    scene.load_asset(asset, fmt)
+    dropped = scene.sanitize()
+    rebuilt = scene.rebuild_missing_shader_groups()
+    normalization = scene.normalize(str(asset))
+    stats = {"format": fmt, **scene.asset_stats(), "dropped": dropped, "rebuilt_materials": rebuilt}
+    scene.add_material_aovs(tuple(p for p in recipe.passes if p in scene.VIEW_LAYER_AOVS))
+    return normalization, stats
+
+
 def render_asset(request: RenderRequest, scratch: Path, scene: Any, info: WorkerInfo) -> RenderResult:
     """Load, sanitize, normalize and render one asset; every failure becomes a result with a reason."""
     asset = Path(request.asset_path)
@@ -61,22 +84,10 @@ def render_asset(request: RenderRequest, scratch: Path, scene: Any, info: Worker
     try:
         recipe = RecipeConfig.from_dict(request.recipe)
         t = time.perf_counter()
-        if not asset.is_file():
-            raise AssetRejected(str(asset), Reason.IMPORT_ERROR, "not a readable file")
-        if asset.stat().st_size == 0:
-            raise AssetRejected(str(asset), Reason.IMPORT_ERROR, "file is empty")
-        fmt = detect_format(asset)
-        if fmt is None:
-            raise AssetRejected(str(asset), Reason.UNSUPPORTED_FORMAT, f"unrecognised content and extension {asset.suffix!r}")
-        scene.load_asset(asset, fmt)
-        dropped = scene.sanitize()
-        rebuilt = scene.rebuild_missing_shader_groups()
+        normalization, stats = prepare_scene(scene, asset, recipe)
         timings["import_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        normalization = scene.normalize(str(asset))
-        stats = {"format": fmt, **scene.asset_stats(), "dropped": dropped, "rebuilt_materials": rebuilt}
-        scene.add_material_aovs(tuple(p for p in recipe.passes if p in scene.VIEW_LAYER_AOVS))
         partial.mkdir(parents=True)
         vertices, faces = scene.mesh_arrays()
         render_set.write_ply(partial / render_set.MESH_FILE, vertices, faces)
@@ -215,7 +226,7 @@ def _transforms(request: RenderRequest, recipe: RecipeConfig, records: list, nor
         "normalization": normalization,
         "camera_angle_x": records[0]["camera_angle_x"],
         "renderer": {"engine": "BLENDER_EEVEE", "raytracing": True, "samples": recipe.samples,
-                     "bpy_version": info.bpy_version, "gl_renderer": info.gl_renderer,
+                     "bpy_version": info.bpy_version, "gpu_backend": info.gpu_backend, "gl_renderer": info.gl_renderer,
                      "gl_device_type": info.gl_device_type},
         "passes": {name: {"file": render_set.PASS_CHANNELS[name][0], "channels": list(render_set.PASS_CHANNELS[name][1])}
                    for name in recipe.passes},
