@@ -18,6 +18,8 @@ class Reason(str, enum.Enum):
     GPU_BACKEND_UNAVAILABLE = "gpu_backend_unavailable"
     NAN_BBOX = "nan_bbox"
     RENDER_ERROR = "render_error"
+    INVALID_RENDER_SET = "invalid_render_set"
+    NON_FINITE = "non_finite"
 
 
 class FactoryError(Exception):

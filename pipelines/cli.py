@@ -24,9 +24,9 @@ console = Console(stderr=True)
 
 
 class _LazyGroup(click.Group):
-    """Loads command groups with heavy imports (pyiceberg, zarr) on first use, so `near render` starts light."""
+    """Loads commands with heavy imports (pyiceberg, zarr, torch) on first use, so `near render` starts light."""
 
-    LAZY = {"catalog": "pipelines.catalog_cli:catalog"}
+    LAZY = {"catalog": "pipelines.catalog_cli:catalog", "encode": "pipelines.encode_cli:encode"}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *self.LAZY])

@@ -365,6 +365,25 @@ def add_material_aovs(names: tuple[str, ...]) -> None:
                 _wire_aovs(slot.material, names)
 
 
+def render_both_sides_with_depth() -> int:
+    """Render every face from both sides and let every material write depth; returns the materials changed.
+
+    Back-face culling (glTF's single-sided materials) hides faces the voxelization keeps, so their voxels would
+    gather background features; TRELLIS renders with Cycles, which never culls. Blended transparency writes
+    no depth in EEVEE (the far clip lands in the depth pass) and casts no AO, so it becomes dithered.
+    Linked materials are read-only and stay as they are.
+    """
+    changed = 0
+    for material in bpy.data.materials:
+        if material.library is not None:
+            continue
+        if material.use_backface_culling or material.surface_render_method == "BLENDED":
+            material.use_backface_culling = False
+            material.surface_render_method = "DITHERED"
+            changed += 1
+    return changed
+
+
 def _default_material() -> Any:
     material = bpy.data.materials.new("near_default")
     material.use_nodes = True

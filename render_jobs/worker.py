@@ -67,8 +67,12 @@ def prepare_scene(scene: Any, asset: Path, recipe: RecipeConfig) -> tuple[dict[s
     scene.load_asset(asset, fmt)
     dropped = scene.sanitize()
     rebuilt = scene.rebuild_missing_shader_groups()
+    opaque_depth = scene.render_both_sides_with_depth()
     normalization = scene.normalize(str(asset))
-    stats = {"format": fmt, **scene.asset_stats(), "dropped": dropped, "rebuilt_materials": rebuilt}
+    stats = {
+        "format": fmt, **scene.asset_stats(), "dropped": dropped, "rebuilt_materials": rebuilt,
+        "materials_made_two_sided_dithered": opaque_depth,
+    }
     scene.add_material_aovs(tuple(p for p in recipe.passes if p in scene.VIEW_LAYER_AOVS))
     return normalization, stats
 

@@ -5,6 +5,10 @@ import json
 from pathlib import Path
 
 import pytest
+from jaxtyping import install_import_hook
+
+install_import_hook(["encoders"], "beartype.beartype")  # runtime shape checks (STYLE rule 3), before any import
+
 
 from infra.environments import find_render_python
 from infra.errors import ConfigError

@@ -1,0 +1,350 @@
+"""The SLAT VAE encoder of TRELLIS (`slat_enc_swin8_B_64l8_fp16`), compatible with its released weights.
+
+It maps the averaged DINOv2 features of an asset's active voxels on the 64^3 grid to one 8-channel latent
+per voxel (the posterior mean; reference section 4.2): an fp32 input layer plus an absolute sinusoidal
+position embedding, an fp16 torso of pre-LN transformer blocks with sparse window attention (window 8,
+shifted by 4 on odd blocks), a final LayerNorm and an fp32 output layer giving mean and log-variance.
+
+Checkpoints are TRELLIS's files: `<name>.safetensors` (module names, shapes and dtypes of the release, no
+metadata) beside `<name>.json` = `{"name": "SLatEncoder", "args": {...}}`.
+"""
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from encoders.attention import AttentionBackend, WindowPartition, sparse_window_attention, window_partition
+from encoders.sparse import SparseTensor
+from encoders.weights import (
+    RANDOM_INIT_MARKER,
+    WeightsInfo,
+    is_local,
+    is_random_init,
+    mark_random_init,
+    marker_path,
+    state_dict_digest,
+)
+from infra.config import FrozenConfig
+from infra.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+TRELLIS_NAME = "SLatEncoder"
+"""The `name` of TRELLIS's config JSON; its training variant `ElasticSLatEncoder` has the same weights."""
+_TRELLIS_FIXED_ARGS = {"attn_mode": "swin", "pe_mode": "ape", "qk_rms_norm": False}
+"""TRELLIS constructor args with the only value this implementation (and the release) has."""
+_TRELLIS_IGNORED_ARGS = ("use_checkpoint", "num_head_channels")
+"""Training-only, or unused because num_heads is given."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SlatEncoderConfig(FrozenConfig):
+    """Architecture of the encoder; the defaults are the released `slat_enc_swin8_B_64l8_fp16`."""
+
+    resolution: int = 64
+    """Voxel grid side; coordinates must lie in [0, resolution)."""
+    in_channels: int = 1024
+    """Input feature channels (DINOv2 ViT-L/14 with registers)."""
+    model_channels: int = 768
+    latent_channels: int = 8
+    num_blocks: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    window_size: int = 8
+    """Attention window side in voxels; odd blocks shift the windows by half of it."""
+    use_fp16: bool = True
+    """The transformer blocks' weights (and activations) are float16, as released; the rest is float32."""
+    attention_backend: AttentionBackend = "auto"
+    """Kernel for window attention (`encoders.attention`); not part of the checkpoint."""
+
+    def __post_init__(self) -> None:
+        if self.model_channels % self.num_heads or self.model_channels < 6:
+            raise ConfigError(
+                f"model_channels={self.model_channels} must be >= 6 and divisible by num_heads={self.num_heads}"
+            )
+        if min(self.resolution, self.in_channels, self.latent_channels, self.window_size) < 1:
+            raise ConfigError(f"resolution, in/latent channels and window_size must be >= 1: {self!r}")
+
+
+class _WindowAttention(nn.Module):
+    def __init__(self, channels: int, num_heads: int, *, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.num_heads, self.backend = num_heads, backend
+        self.to_qkv = nn.Linear(channels, 3 * channels)  # rows: q, k, v blocks, heads contiguous inside each
+        self.to_out = nn.Linear(channels, channels)
+
+    def forward(self, h: Float[Tensor, "N C"], partition: WindowPartition) -> Float[Tensor, "N C"]:
+        qkv = self.to_qkv(h).unflatten(1, (3, self.num_heads, -1))
+        return self.to_out(sparse_window_attention(qkv, partition, backend=self.backend).flatten(1))
+
+
+class _Mlp(nn.Module):
+    def __init__(self, channels: int, hidden: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(channels, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, channels)
+        )
+
+    def forward(self, h: Float[Tensor, "N C"]) -> Float[Tensor, "N C"]:
+        return self.mlp(h)
+
+
+class _TransformerBlock(nn.Module):
+    """Pre-LN block: h + attn(norm(h)), then h + mlp(norm(h)); the norms run in fp32 without affine."""
+
+    def __init__(self, config: SlatEncoderConfig) -> None:
+        super().__init__()
+        channels = config.model_channels
+        self.attn = _WindowAttention(channels, config.num_heads, backend=config.attention_backend)
+        self.mlp = _Mlp(channels, int(channels * config.mlp_ratio))
+
+    def forward(self, h: Float[Tensor, "N C"], partition: WindowPartition) -> Float[Tensor, "N C"]:
+        h = h.to(self.attn.to_qkv.weight.dtype)
+        h = h + self.attn(_layer_norm_fp32(h, eps=1e-6), partition)
+        return h + self.mlp(_layer_norm_fp32(h, eps=1e-6))
+
+
+class SlatEncoder(nn.Module):
+    """TRELLIS's SLAT encoder; module names give exactly the released state dict (reference Appendix A).
+
+    Constructed directly, its weights are untrained with the release dtypes (torso float16 when
+    `use_fp16`); use `load_slat_encoder` for real weights or `build_random_slat_encoder` for seeded ones.
+    """
+
+    def __init__(self, config: SlatEncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.random_init_seed: int | None = None  # set for random weights: saving them marks the file
+        channels = config.model_channels
+        self.input_layer = nn.Linear(config.in_channels, channels)
+        self.blocks = nn.ModuleList(_TransformerBlock(config) for _ in range(config.num_blocks))
+        self.out_layer = nn.Linear(channels, 2 * config.latent_channels)  # mean | logvar
+        self.blocks.to(_release_torso_dtype(config))
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        """Encode voxel features to latents.
+
+        Args:
+            x: (batch, x, y, z) coords on the `resolution`^3 grid and (N, in_channels) features.
+
+        Returns:
+            The same coords, in the same row order, with the posterior mean (N, latent_channels) float32.
+        """
+        config = self.config
+        if x.feats.shape[1] != config.in_channels:
+            raise ValueError(f"expected {config.in_channels} feature channels, got {x.feats.shape[1]}")
+        if bool((x.coords[:, 1:] >= config.resolution).any()):
+            raise ValueError(f"voxel coords must lie in [0, {config.resolution})")
+        h = self.input_layer(x.feats.to(self.input_layer.weight.dtype))
+        h = h + _position_embedding(x.coords[:, 1:], config.model_channels)
+        # block b attends in windows shifted by W/2 when b is odd; each partition is computed once
+        shifts = (0, config.window_size // 2)
+        partitions = [window_partition(x.coords, config.window_size, shift) for shift in shifts]
+        for b, block in enumerate(self.blocks):
+            h = block(h, partitions[b % 2])
+        h = F.layer_norm(h.float(), h.shape[1:], eps=1e-5)
+        return x.replace(feats=self.out_layer(h)[:, : config.latent_channels])
+
+
+def build_random_slat_encoder(config: SlatEncoderConfig, *, seed: int) -> SlatEncoder:
+    """An encoder with seeded random weights, for tests and the demo (no downloads there).
+
+    Linear layers are Xavier-uniform with zero biases, as TRELLIS initialises them, except `out_layer`:
+    TRELLIS zeroes it, which would make every latent zero, so it is drawn from N(0, 0.02^2) instead.
+    Saving the result with `save_slat_encoder` marks the file as random (`encoders.weights`).
+    """
+    model = _uninitialized_slat_encoder(config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                weight = torch.empty(module.weight.shape)  # drawn in fp32, so fp16 and fp32 models agree
+                if module is model.out_layer:
+                    nn.init.normal_(weight, std=0.02, generator=generator)
+                else:
+                    nn.init.xavier_uniform_(weight, generator=generator)
+                module.weight.copy_(weight)
+                module.bias.zero_()
+    model.random_init_seed = seed
+    return model
+
+
+def save_slat_encoder(model: SlatEncoder, path: str | os.PathLike[str]) -> None:
+    """Write `path` (`<dir>/<name>.safetensors`, release dtypes, no metadata) and `<dir>/<name>.json`.
+
+    With the release config the files match the published ones in size (173,242,816 and 321 bytes).
+    Random weights (`model.random_init_seed` set) also get the random-init marker; a stale marker of
+    earlier random weights at `path` is removed.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"expected a path ending in .safetensors, got {path}")
+    torso_dtype = _release_torso_dtype(model.config)
+    dtype_of = lambda name: torso_dtype if name.startswith("blocks.") else torch.float32
+    state_dict = {name: t.to("cpu", dtype_of(name)).contiguous() for name, t in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(state_dict, path)
+    path.with_suffix(".json").write_text(json.dumps(_trellis_json(model.config), indent=4))
+    marker_path(path).unlink(missing_ok=True)
+    if model.random_init_seed is not None:
+        mark_random_init(path, seed=model.random_init_seed)
+
+
+def load_slat_encoder(
+    reference: str,
+    *,
+    device: torch.device | str = "cpu",
+    attention_backend: AttentionBackend = "auto",
+) -> tuple[SlatEncoder, WeightsInfo]:
+    """Load an encoder checkpoint strictly, in eval mode, on `device`.
+
+    On CPU the torso is converted to float32 after loading: fp16 matrix products there are slow and
+    accumulate visibly worse. On CUDA it stays in the checkpoint's dtypes, as TRELLIS runs it.
+
+    Args:
+        reference: a local `<name>.safetensors`, the same path without the suffix (as TRELLIS's
+            `pipeline.json` writes `ckpts/<name>`), or a hub id `owner/repo/path/in/repo/<name>`. The
+            `<name>.json` beside it gives the config; without it the release config is assumed.
+        device: where the model runs.
+        attention_backend: window-attention kernel (`encoders.attention`).
+
+    Returns:
+        The model and where its weights came from (digest, random-init flag).
+
+    Raises:
+        ConfigError: the reference names no local file and is no hub id, the JSON is no SLAT encoder
+            config this implementation supports, or the tensors do not fit the config (names listed).
+
+    Examples:
+        >>> release = "microsoft/TRELLIS-image-large/ckpts/slat_enc_swin8_B_64l8_fp16"
+        >>> model, info = load_slat_encoder(release, device="cuda")  # doctest: +SKIP
+    """
+    device = torch.device(device)
+    weights_path, config_path = _fetch_checkpoint(reference)
+    config = _read_trellis_json(config_path) if config_path is not None else SlatEncoderConfig()
+    model = _uninitialized_slat_encoder(config.replace(attention_backend=attention_backend))
+    state_dict = safetensors.torch.load_file(weights_path)
+    _check_state_dict(state_dict, expected=model.state_dict(), source=weights_path)
+    model.load_state_dict(state_dict, strict=True)
+    info = WeightsInfo(reference, state_dict_digest(state_dict), is_random_init(weights_path))
+    if info.is_random_init:
+        model.random_init_seed = json.loads(marker_path(weights_path).read_text())["seed"]
+    if device.type == "cpu":
+        model.blocks.float()
+    logger.info(
+        "loaded SLAT encoder %s (digest %s, random=%s)", reference, info.digest[:12], info.is_random_init
+    )
+    return model.to(device).eval(), info
+
+
+def _uninitialized_slat_encoder(config: SlatEncoderConfig) -> SlatEncoder:
+    """A CPU model with allocated but uninitialised tensors, for callers that overwrite every one of them
+    (PyTorch's default init of the release model takes a second)."""
+    with torch.device("meta"):
+        model = SlatEncoder(config)
+    return model.to_empty(device="cpu")
+
+
+def _release_torso_dtype(config: SlatEncoderConfig) -> torch.dtype:
+    return torch.float16 if config.use_fp16 else torch.float32
+
+
+def _layer_norm_fp32(h: Float[Tensor, "N C"], *, eps: float) -> Float[Tensor, "N C"]:
+    return F.layer_norm(h.float(), h.shape[1:], eps=eps).to(h.dtype)
+
+
+def _position_embedding(xyz: Int[Tensor, "N 3"], channels: int) -> Float[Tensor, "N C"]:
+    """Absolute sinusoidal embedding of integer voxel coords: per axis [sin(c w_k), cos(c w_k)],
+    w_k = 10000^(-k / F) for k < F = channels // 6, axes x, y, z in turn, zero-padded to `channels`."""
+    freq_dim = channels // 3 // 2
+    omega = 1.0 / 10000 ** (torch.arange(freq_dim, dtype=torch.float32, device=xyz.device) / freq_dim)
+    angles = xyz.float()[:, :, None] * omega  # (N, 3, F)
+    embedding = torch.cat([angles.sin(), angles.cos()], dim=2).flatten(1)
+    return F.pad(embedding, (0, channels - embedding.shape[1]))
+
+
+def _fetch_checkpoint(reference: str) -> tuple[Path, Path | None]:
+    """The local `.safetensors` of a reference (downloaded for a hub id) and its `.json`, if any."""
+    stem = reference.removesuffix(".safetensors")
+    local = Path(stem + ".safetensors").expanduser()
+    if local.is_file():
+        config_path = local.with_suffix(".json")
+        return local, config_path if config_path.is_file() else None
+    parts = stem.split("/")
+    if is_local(reference) or stem.startswith(("/", ".", "~")) or len(parts) < 3 or "" in parts:
+        raise ConfigError(f"{reference!r}: no file {local}, and not a hub id owner/repo/path/in/repo/name")
+    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    weights_path = Path(hf_hub_download(repo_id=repo_id, filename=f"{filename}.safetensors"))
+    config_path = _hub_download_optional(repo_id, f"{filename}.json")
+    _hub_download_optional(repo_id, f"{filename}.{RANDOM_INIT_MARKER}")  # lands beside the weights
+    return weights_path, config_path
+
+
+def _hub_download_optional(repo_id: str, filename: str) -> Path | None:
+    try:
+        return Path(hf_hub_download(repo_id=repo_id, filename=filename))
+    except EntryNotFoundError:
+        return None
+
+
+def _trellis_json(config: SlatEncoderConfig) -> dict[str, Any]:
+    """TRELLIS's config JSON, keys in its order; an integral mlp_ratio is written as an int, as released."""
+    mlp_ratio = config.mlp_ratio
+    args = {
+        "resolution": config.resolution,
+        "in_channels": config.in_channels,
+        "model_channels": config.model_channels,
+        "latent_channels": config.latent_channels,
+        "num_blocks": config.num_blocks,
+        "num_heads": config.num_heads,
+        "mlp_ratio": int(mlp_ratio) if mlp_ratio.is_integer() else mlp_ratio,
+        "attn_mode": _TRELLIS_FIXED_ARGS["attn_mode"],
+        "window_size": config.window_size,
+        "use_fp16": config.use_fp16,
+    }
+    return {"name": TRELLIS_NAME, "args": args}
+
+
+def _read_trellis_json(path: Path) -> SlatEncoderConfig:
+    data = json.loads(path.read_text())
+    if data.get("name") not in (TRELLIS_NAME, f"Elastic{TRELLIS_NAME}"):
+        raise ConfigError(f"{path}: expected a {TRELLIS_NAME} config, got name {data.get('name')!r}")
+    args = dict(data.get("args", {}))
+    for name, value in _TRELLIS_FIXED_ARGS.items():
+        if args.pop(name, value) != value:
+            raise ConfigError(f"{path}: only {name}={value!r} is supported, got {data['args'][name]!r}")
+    for name in _TRELLIS_IGNORED_ARGS:
+        args.pop(name, None)
+    if "mlp_ratio" in args:
+        args["mlp_ratio"] = float(args["mlp_ratio"])
+    try:
+        return SlatEncoderConfig.from_dict(args)
+    except TypeError as err:
+        raise ConfigError(f"{path}: {err}") from err
+
+
+def _check_state_dict(state_dict: dict[str, Tensor], *, expected: dict[str, Tensor], source: Path) -> None:
+    """Raise a ConfigError naming every missing, unexpected and mis-shaped tensor."""
+    missing = sorted(expected.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - expected.keys())
+    mis_shaped = [
+        f"{name} {tuple(state_dict[name].shape)} (expected {tuple(tensor.shape)})"
+        for name, tensor in expected.items()
+        if name in state_dict and state_dict[name].shape != tensor.shape
+    ]
+    if missing or unexpected or mis_shaped:
+        raise ConfigError(
+            f"{source} does not fit the SLAT encoder config: missing {missing}, unexpected {unexpected}, "
+            f"mis-shaped {mis_shaped}"
+        )
