@@ -154,17 +154,17 @@ class AssetEncoder:
             patch_tokens = self.dinov2(views[role])  # (V, 1024, 37, 37)
             timings[f"dinov2_{role}_s"] = time.perf_counter() - clock
             clock = time.perf_counter()
-            feats = backproject(
+            feats = backproject(  # stored as float16, and encoded from that, as TRELLIS does
                 patch_tokens, coords, cameras, config=self.config.backproject, depth_maps=depth_maps
-            )
+            ).half()
             timings[f"backproject_{role}_s"] = time.perf_counter() - clock
             clock = time.perf_counter()
-            with torch.inference_mode():  # from the float16 features that are stored, as TRELLIS encodes them
-                latent = self.slat_encoder(SparseTensor(batch_coords, feats.half().float())).feats
+            with torch.inference_mode():
+                latent = self.slat_encoder(SparseTensor(batch_coords, feats.float())).feats
             timings[f"slat_{role}_s"] = time.perf_counter() - clock
             if not (torch.isfinite(feats).all() and torch.isfinite(latent).all()):
                 raise AssetRejected(asset_id, Reason.NON_FINITE, f"{role}: non-finite features or latents")
-            features[role] = feats.half().cpu().numpy()
+            features[role] = feats.cpu().numpy()
             latents[role] = latent.float().cpu().numpy()
 
         meta = {
@@ -214,12 +214,12 @@ def _load_views(
     """Per role the premultiplied linear RGBA views (V, 4, H, W) float16, and the depth maps (V, H, W)."""
 
     def load(frame) -> dict[str, np.ndarray]:
-        alpha = frame.load("alpha")[..., None]
-        loaded = {
-            role: np.concatenate([frame.load(_ROLE_PASS[role])[..., :3], alpha], axis=-1) for role in roles
-        }
+        names = ["alpha", *(_ROLE_PASS[role] for role in roles), *(["depth"] if with_depth else [])]
+        passes = frame.load_passes(*names)
+        alpha = passes["alpha"][..., None]
+        loaded = {role: np.concatenate([passes[_ROLE_PASS[role]][..., :3], alpha], axis=-1) for role in roles}
         if with_depth:
-            loaded["depth"] = frame.load("depth")
+            loaded["depth"] = passes["depth"]
         return loaded
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:

@@ -110,6 +110,8 @@ class Dinov2Features:
             digest=state_dict_digest(self.model.state_dict()),
             is_random_init=is_local(config.model) and is_random_init(config.model),
         )
+        self._mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        self._std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
         self._tokens = torch.compile(self._prenorm_tokens) if config.compile else self._prenorm_tokens
 
     @property
@@ -122,9 +124,7 @@ class Dinov2Features:
         size = self.config.image_size_px
         if rgb.shape[-2:] != (size, size):
             rgb = F.interpolate(rgb, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-        mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
-        return ((rgb - mean) / std).to(self.dtype)
+        return ((rgb - self._mean) / self._std).to(self.dtype)
 
     @torch.inference_mode()
     def __call__(self, rgba: Float[Tensor, "V 4 H W"]) -> Float[Tensor, "V C G G"]:

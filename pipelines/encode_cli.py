@@ -53,9 +53,9 @@ def encode(
     attention_backend: str,
 ) -> None:
     """Encode one `lh` render set: voxels, DINOv2 features and the LH and base-color SLATs, as npz files."""
-    torch_device = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
-    )
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_device = torch.device(device)
     config = AssetEncoderConfig(
         dinov2=Dinov2Config(model=dinov2, batch_size=batch_size),
         slat_encoder=slat_encoder,

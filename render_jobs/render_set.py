@@ -108,11 +108,20 @@ class Frame:
 
     def load(self, pass_name: str) -> np.ndarray:
         """(H, W) or (H, W, C) float32 array of one pass, row 0 at the top."""
-        kind, stored, _ = PASS_CHANNELS[pass_name]
-        path = self.root / (self.record["file_path"] if kind == "beauty" else self.record["gbuffer_path"])
-        channels = read_channels(path)
-        arrays = [channels[name].astype(np.float32) for name in stored]
-        return arrays[0] if len(arrays) == 1 else np.stack(arrays, axis=-1)
+        return self.load_passes(pass_name)[pass_name]
+
+    def load_passes(self, *pass_names: str) -> dict[str, np.ndarray]:
+        """Several passes, as `load` gives them, reading each EXR file once."""
+        files: dict[str, dict[str, np.ndarray]] = {}
+        passes = {}
+        for name in pass_names:
+            kind, stored, _ = PASS_CHANNELS[name]
+            if kind not in files:
+                path = self.record["file_path"] if kind == "beauty" else self.record["gbuffer_path"]
+                files[kind] = read_channels(self.root / path)
+            arrays = [files[kind][channel].astype(np.float32) for channel in stored]
+            passes[name] = arrays[0] if len(arrays) == 1 else np.stack(arrays, axis=-1)
+        return passes
 
 
 @dataclasses.dataclass(frozen=True)

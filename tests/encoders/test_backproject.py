@@ -70,14 +70,11 @@ def test_visibility_needs_depth_and_counts_only_seen_views() -> None:
 
 def _render_arrays(render_set: RenderSet) -> dict[str, np.ndarray]:
     frames = render_set.frames
-    return {
-        "beauty": np.stack([f.load("beauty") for f in frames]),  # (V, H, W, 4) premultiplied
-        "basecolor": np.stack([f.load("basecolor") for f in frames]),  # (V, H, W, 3) premultiplied
-        "alpha": np.stack([f.load("alpha") for f in frames]),
-        "depth": np.stack([f.load("depth") for f in frames]),
-        "c2w": np.stack([f.c2w for f in frames]),
-        "fov": np.array([f.fov_rad for f in frames]),
-    }
+    passes = [f.load_passes("beauty", "basecolor", "alpha", "depth") for f in frames]
+    arrays = {
+        name: np.stack([p[name] for p in passes]) for name in passes[0]
+    }  # beauty and basecolor premultiplied
+    return {**arrays, "c2w": np.stack([f.c2w for f in frames]), "fov": np.array([f.fov_rad for f in frames])}
 
 
 def _surface_points(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

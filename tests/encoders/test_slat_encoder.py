@@ -18,7 +18,7 @@ from encoders.slat_encoder import (
 from encoders.sparse import SparseTensor
 from encoders.weights import is_random_init, state_dict_digest
 from infra.errors import ConfigError
-from tests.encoders.test_attention import random_coords
+from tests.encoders.helpers import random_coords
 
 REFERENCE = (
     Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "trellis_encoder_state_dict.txt"
