@@ -100,47 +100,47 @@ def bench_voxelize(device: torch.device, sizes: list[int], repeats: int) -> list
     return rows
 
 
-def bench_dinov2(
-    device: torch.device, batch_sizes: list[int], batches: int, compile_modes: list[bool]
-) -> list[dict]:
+def bench_dinov2(device: torch.device, batch_sizes: list[int], batches: int) -> list[dict]:
+    """The extractor (fused pass) per batch size, beside transformers' own module on the same weights."""
     with tempfile.TemporaryDirectory() as tmp:
         model = str(Path(tmp) / "vitl14-reg")
         save_random_dinov2(model, seed=0)
-        return [
-            _bench_dinov2_once(model, device, b, batches, compiled)
-            for compiled in compile_modes
-            for b in batch_sizes
-        ]
+        return [_bench_dinov2_once(model, device, b, batches) for b in batch_sizes]
 
 
-def _bench_dinov2_once(
-    model: str, device: torch.device, batch_size: int, batches: int, compiled: bool
-) -> dict:
-    extractor = Dinov2Features(
-        Dinov2Config(model=model, batch_size=batch_size, compile=compiled), device=device
-    )
+def _bench_dinov2_once(model: str, device: torch.device, batch_size: int, batches: int) -> dict:
+    from transformers import Dinov2WithRegistersModel
+
+    extractor = Dinov2Features(Dinov2Config(model=model, batch_size=batch_size), device=device)
     views = torch.rand(batch_size * batches, 4, 512, 512, device=device, dtype=torch.float16)
     pixels = extractor.preprocess(views[:batch_size])
+    reference = Dinov2WithRegistersModel.from_pretrained(model, dtype=extractor.dtype).eval().to(device)
 
-    def network_only() -> None:
+    def network(forward) -> None:
         for _ in range(batches):
-            extractor._tokens(pixels)
+            forward(pixels)
 
     with torch.inference_mode():
-        net_s, _ = _timed(network_only, device, repeats=3)
+        net_s, _ = _timed(functools.partial(network, extractor.tokens), device, repeats=3)
+        ref_s, _ = _timed(
+            functools.partial(network, lambda x: reference.encoder(reference.embeddings(x))),
+            device,
+            repeats=3,
+        )
     total_s, tokens = _timed(functools.partial(extractor, views), device, repeats=3)
     peak = _peak_mb(device, functools.partial(extractor, views[:batch_size]))
     row = {
         "batch_size": batch_size,
-        "compile": compiled,
         "dtype": str(extractor.dtype).removeprefix("torch."),
         "network_img_per_s": batch_size * batches / net_s,
+        "transformers_module_img_per_s": batch_size * batches / ref_s,
         "with_preprocess_img_per_s": len(views) / total_s,
         "peak_mb_per_batch": peak,
         "tokens_shape": list(tokens.shape[1:]),
     }
     print(
-        f"dinov2 batch {batch_size} compile={compiled}: {row['network_img_per_s']:.1f} img/s network, "
+        f"dinov2 batch {batch_size}: {row['network_img_per_s']:.1f} img/s network "
+        f"(transformers' module {row['transformers_module_img_per_s']:.1f}), "
         f"{row['with_preprocess_img_per_s']:.1f} img/s with preprocessing, peak {peak:.0f} MiB",
         flush=True,
     )
@@ -221,7 +221,6 @@ def main() -> None:
     parser.add_argument(
         "--batches", type=int, default=None, help="DINOv2 batches per timing [cpu: 1; cuda: 8]"
     )
-    parser.add_argument("--compile", choices=["off", "on", "both"], default="off")
     parser.add_argument("--voxels", type=int, default=20_000)
     parser.add_argument("--views", type=int, default=150)
     parser.add_argument(
@@ -247,12 +246,10 @@ def main() -> None:
     if "voxelize" in args.only:
         results["voxelize"] = bench_voxelize(device, args.triangles, args.repeats)
     if "dinov2" in args.only:
-        compile_modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
         results["dinov2"] = bench_dinov2(
             device,
             args.batch_sizes or ([32, 64, 128] if is_cuda else [2]),
             args.batches or (8 if is_cuda else 1),
-            compile_modes,
         )
     if "backproject" in args.only:
         results["backproject"] = bench_backproject(device, args.voxels, args.views, args.repeats)

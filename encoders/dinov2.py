@@ -3,8 +3,9 @@
 The released SLAT encoder was trained on TRELLIS's features, so everything here follows TRELLIS's extraction
 (`trellis_toolkit_and_models.md` section 1.6): a 518^2 input, RGB x alpha on black, ImageNet normalization,
 and the last block's patch tokens **before** the final LayerNorm (37 x 37 x 1024, row-major, row 0 at the top).
-We run the embeddings and the encoder stack of transformers' `Dinov2WithRegistersModel` ourselves, so the
-final LayerNorm is never applied and no layer's hidden states are kept.
+transformers' `Dinov2WithRegistersModel` loads the weights; `encoders.fused_vit` runs the embeddings and the
+block stack from them with fewer memory passes, so the final LayerNorm is never applied and no layer's hidden
+states are kept.
 
 Our renders are linear HDR; DINOv2 sees display images. A premultiplied linear view is un-premultiplied,
 encoded with Blender's "Standard" view (clip to [0, 1], sRGB OETF) and multiplied by alpha again: the image
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from encoders.fused_vit import FusedVit
 from encoders.weights import WeightsInfo, is_local, is_random_init, mark_random_init, state_dict_digest
 from infra.config import FrozenConfig
 
@@ -59,8 +61,6 @@ class Dinov2Config(FrozenConfig):
     precision: Precision = "auto"
     """Weights and activations dtype: `auto` is bfloat16 on CUDA and float32 on the CPU. Plain bfloat16 runs
     18 % faster than float32 weights under autocast on an H100 (docs/benchmarks.md)."""
-    compile: bool = False
-    """`torch.compile` the network (CUDA): fuses the per-block elementwise work, first batch slower."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -94,29 +94,22 @@ class Dinov2Features:
 
         self.config, self.device = config, device
         self.dtype = _resolve_dtype(config.precision, device)
-        model = Dinov2WithRegistersModel.from_pretrained(
-            config.model, dtype=self.dtype, attn_implementation="sdpa"
-        )
-        self.model = model.eval().requires_grad_(False).to(device)
-        self.patch_size = self.model.config.patch_size
-        self.num_prefix_tokens = 1 + self.model.config.num_register_tokens  # cls + registers
-        if config.image_size_px % self.patch_size:
+        model = Dinov2WithRegistersModel.from_pretrained(config.model, dtype=self.dtype)
+        model = model.eval().requires_grad_(False).to(device)
+        if config.image_size_px % model.config.patch_size:
             raise ValueError(
-                f"image_size_px {config.image_size_px} is not a multiple of the patch size {self.patch_size}"
+                f"image_size_px {config.image_size_px} is not a multiple of the patch size "
+                f"{model.config.patch_size}"
             )
-        self.grid_size = config.image_size_px // self.patch_size
         self.weights = WeightsInfo(
             reference=config.model,
-            digest=state_dict_digest(self.model.state_dict()),
+            digest=state_dict_digest(model.state_dict()),
             is_random_init=is_local(config.model) and is_random_init(config.model),
         )
+        self.network = FusedVit(model, image_size_px=config.image_size_px)  # copies what it needs of `model`
+        self.channels, self.grid_size = self.network.channels, self.network.grid_size
         self._mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-        self._tokens = torch.compile(self._prenorm_tokens) if config.compile else self._prenorm_tokens
-
-    @property
-    def channels(self) -> int:
-        return self.model.config.hidden_size
 
     def preprocess(self, rgba: Float[Tensor, "B 4 H W"]) -> Float[Tensor, "B 3 S S"]:
         """Network input: display RGB x alpha, resized to `image_size_px` (bicubic), ImageNet-normalized."""
@@ -129,19 +122,16 @@ class Dinov2Features:
     @torch.inference_mode()
     def __call__(self, rgba: Float[Tensor, "V 4 H W"]) -> Float[Tensor, "V C G G"]:
         """Patch tokens of every view, in batches of `batch_size`, in the model's dtype (G = 37 at 518^2)."""
-        chunks = [self._tokens(self.preprocess(batch)) for batch in rgba.split(self.config.batch_size)]
+        chunks = [self.tokens(self.preprocess(batch)) for batch in rgba.split(self.config.batch_size)]
         return (
             torch.cat(chunks)
             if chunks
             else rgba.new_zeros((0, self.channels, self.grid_size, self.grid_size))
         )
 
-    def _prenorm_tokens(self, pixels: Float[Tensor, "B 3 S S"]) -> Float[Tensor, "B C G G"]:
-        hidden = self.model.embeddings(pixels)  # (B, 1 + R + G*G, C): cls, registers, patches
-        hidden = self.model.encoder(
-            hidden
-        ).last_hidden_state  # the final LayerNorm is the model's, not applied
-        patches = hidden[:, self.num_prefix_tokens :]  # (B, G*G, C), token = row * G + col
+    def tokens(self, pixels: Float[Tensor, "B 3 S S"]) -> Float[Tensor, "B C G G"]:
+        """The network alone, on preprocessed pixels."""
+        patches = self.network(pixels)  # (B, G*G, C), token = row * G + col
         return patches.transpose(1, 2).unflatten(2, (self.grid_size, self.grid_size))
 
 
