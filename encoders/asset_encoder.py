@@ -159,13 +159,12 @@ class AssetEncoder:
             ).half()
             timings[f"backproject_{role}_s"] = time.perf_counter() - clock
             clock = time.perf_counter()
-            with torch.inference_mode():
-                latent = self.slat_encoder(SparseTensor(batch_coords, feats.float())).feats
+            latent = self._latent(batch_coords, feats)
             timings[f"slat_{role}_s"] = time.perf_counter() - clock
             if not (torch.isfinite(feats).all() and torch.isfinite(latent).all()):
                 raise AssetRejected(asset_id, Reason.NON_FINITE, f"{role}: non-finite features or latents")
             features[role] = feats.cpu().numpy()
-            latents[role] = latent.float().cpu().numpy()
+            latents[role] = latent.cpu().numpy()
 
         meta = {
             "source_id": render_set.meta.get("source_id"),
@@ -186,6 +185,20 @@ class AssetEncoder:
             sum(timings.values()),
         )
         return AssetEncoding(coords.cpu().numpy().astype(np.uint8), features, latents, meta)
+
+
+    def encode_latents(self, coords: np.ndarray, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """SLATs (N, 8) float32 from stored features (N, 1024) float16 on `coords` (N, 3): new encoder weights
+        need no render."""
+        batch_coords = torch.nn.functional.pad(torch.from_numpy(coords.astype(np.int32)).to(self.device), (1, 0))
+        return {
+            role: self._latent(batch_coords, torch.from_numpy(feats).to(self.device)).cpu().numpy()
+            for role, feats in features.items()
+        }
+
+    def _latent(self, batch_coords: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.slat_encoder(SparseTensor(batch_coords, feats.float())).feats.float()
 
 
 def _open_render_set(render_dir: str | os.PathLike[str], roles: tuple[Role, ...]) -> tuple[RenderSet, str]:

@@ -94,8 +94,9 @@ class Dinov2Features:
 
         self.config, self.device = config, device
         self.dtype = _resolve_dtype(config.precision, device)
-        model = Dinov2WithRegistersModel.from_pretrained(config.model, dtype=self.dtype)
-        model = model.eval().requires_grad_(False).to(device)
+        model = Dinov2WithRegistersModel.from_pretrained(config.model, dtype="auto").eval().requires_grad_(False)
+        digest = state_dict_digest(model.state_dict())  # of the stored weights: the same on every device
+        model = model.to(device, self.dtype)
         if config.image_size_px % model.config.patch_size:
             raise ValueError(
                 f"image_size_px {config.image_size_px} is not a multiple of the patch size "
@@ -103,7 +104,7 @@ class Dinov2Features:
             )
         self.weights = WeightsInfo(
             reference=config.model,
-            digest=state_dict_digest(model.state_dict()),
+            digest=digest,
             is_random_init=is_local(config.model) and is_random_init(config.model),
         )
         self.network = FusedVit(model, image_size_px=config.image_size_px)  # copies what it needs of `model`

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from infra.errors import ConfigError
 from infra.logs import setup_logging
-from pipelines.demo import DemoConfig, generate_demo_assets
+from pipelines.demo import DemoConfig
 from pipelines.local_render import AssetRecord, render_files
 from render_jobs.formats import find_asset_files
 from render_jobs.protocol import GPU_BACKENDS
@@ -26,7 +26,12 @@ console = Console(stderr=True)
 class _LazyGroup(click.Group):
     """Loads commands with heavy imports (pyiceberg, zarr, torch) on first use, so `near render` starts light."""
 
-    LAZY = {"catalog": "pipelines.catalog_cli:catalog", "encode": "pipelines.encode_cli:encode"}
+    LAZY = {
+        "catalog": "pipelines.catalog_cli:catalog",
+        "encode": "pipelines.encode_cli:encode",
+        "build": "pipelines.build_cli:build",
+        "plan": "pipelines.build_cli:plan",
+    }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *self.LAZY])
@@ -144,34 +149,22 @@ def render(paths, recipe_name, out, views, lightings_per_view, resolution, sampl
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resolution", type=int, default=DemoConfig.resolution_px, show_default=True)
 @click.option("--samples", type=int, default=DemoConfig.samples, show_default=True)
-@click.option("--render-python", default=None, help="Render env interpreter (default: configured by infra/setup.sh).")
-def demo(out: Path, seed: int, resolution: int, samples: int, render_python: str | None) -> None:
-    """The embedded default job: generate the demo assets and render them with every recipe.
+def demo(out: Path, seed: int, resolution: int, samples: int) -> None:
+    """The embedded default job: demo assets and small random-weight models, built on a local Ray into a release.
 
-    Runs anywhere, so software GL is accepted (and said so).
+    Runs anywhere, so software GL is accepted. Writes OUT/build.yaml, an ordinary config for `near build`.
     """
-    cfg = DemoConfig(resolution_px=resolution, samples=samples, seed=seed)
+    from pipelines.build_cli import run_with_progress  # heavy imports (ray, torch) only for this command
+    from pipelines.build_config import BuildConfig
+
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = DemoConfig(resolution_px=resolution, samples=samples, seed=seed).write_build_config(out)
+    console.print(f"demo build config: {config_path} (models with random weights: the latents mean nothing)")
     try:
-        console.print(f"generating demo assets (seed {seed}) in {out / 'assets'}")
-        assets = generate_demo_assets(out / "assets", seed=seed, render_python=render_python)
-        worker = RenderWorkerConfig(render_python=render_python, allow_software_gl=True)
-        summaries = {}
-        with RenderSupervisor(worker) as supervisor:
-            for recipe in cfg.recipes():
-                records = _render_with_progress(assets, recipe, out / "renders" / recipe.name, worker, supervisor, f"render {recipe.name}")
-                data = _report(records, recipe, supervisor)
-                (out / "renders" / recipe.name / "report.json").write_text(json.dumps(data, indent=1))
-                summaries[recipe.name] = records
-            info = supervisor.info
+        record = run_with_progress(BuildConfig.from_yaml(config_path))
     except ConfigError as err:
         raise click.ClickException(str(err)) from err
-    if info and info.is_software_gl:
-        console.print(f"[yellow]rendered on software GL ({info.gl_renderer}): correct but slow")
-    for name, records in summaries.items():
-        console.print(_summary_table(f"demo {name}", records))
-    sheets = sorted((out / "renders").glob("*/*/contact_sheets/beauty.png"))
-    console.print(f"contact sheets: {len(sheets)} beauty sheets under {out / 'renders'} (e.g. {sheets[0] if sheets else '-'})")
-    if any(not r.result.is_ok for records in summaries.values() for r in records):
+    if record.failures:
         sys.exit(1)
 
 

@@ -1,18 +1,27 @@
-"""`near demo`: the embedded default job: generate the demo assets, render them with every recipe."""
+"""`near demo`: the embedded default job: demo assets, small random-weight models, a build config, the build.
+
+Everything runs on this machine (local Ray, SQLite catalog, local disk). No weights can be downloaded, so the
+demo writes a small DINOv2 and SLAT encoder with random weights, marked random: its latents exercise the whole
+factory but mean nothing. `<out>/build.yaml` is an ordinary build config: edit it and run `near build`.
+"""
 
 import dataclasses
 import json
 import subprocess
 from pathlib import Path
 
+import yaml
+
 from infra.environments import find_render_python
 from render_jobs.demo_assets import MANIFEST_FILE
-from render_jobs.recipes import RECIPE_NAMES, RecipeConfig, recipe_config
+
+DEMO_DINOV2 = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "mlp_ratio": 2}
+"""Small enough for a CPU; the real model is ViT-L/14 with registers (`encoders.dinov2.VITL14_REG`)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
-    """Small enough to finish in minutes on a CPU-only machine; the paper's sizes are `near render` defaults."""
+    """Small enough to finish in minutes on a CPU-only machine; the paper's sizes are the build defaults."""
 
     resolution_px: int = 128
     samples: int = 8
@@ -22,13 +31,45 @@ class DemoConfig:
     relight_lightings: int = 2
     seed: int = 0
 
-    def recipes(self) -> list[RecipeConfig]:
-        common = dict(resolution_px=self.resolution_px, samples=self.samples, seed=self.seed)
-        views = {"lh": self.lh_views, "input": self.input_views, "relight": self.relight_views}
-        return [
-            recipe_config(name, num_views=views[name], lightings_per_view=self.relight_lightings if name == "relight" else None, **common)
-            for name in RECIPE_NAMES
-        ]
+    def write_build_config(self, out: Path) -> Path:
+        """Write the demo models (once) and `<out>/build.yaml`; returns the YAML's path."""
+        models = write_demo_models(out / "models", seed=self.seed)
+        common = {"resolution_px": self.resolution_px, "samples": self.samples, "seed": self.seed}
+        config = {
+            "data_root": "data",
+            "source": {"kind": "demo", "path": "assets", "seed": self.seed},
+            "recipes": {
+                "lh": {**common, "num_views": self.lh_views},
+                "input": {**common, "num_views": self.input_views},
+                "relight": {
+                    **common,
+                    "num_views": self.relight_views,
+                    "lightings_per_view": self.relight_lightings,
+                },
+            },
+            "models": {name: str(path.relative_to(out)) for name, path in models.items()},
+            "release": {"name": f"demo-seed{self.seed}"},
+            "execution": {"allow_software_gl": True},
+        }
+        path = out / "build.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return path
+
+
+def write_demo_models(folder: Path, *, seed: int) -> dict[str, Path]:
+    """A small DINOv2 and a matching SLAT encoder with seeded random weights (marked random), written once."""
+    from encoders.dinov2 import save_random_dinov2
+    from encoders.slat_encoder import SlatEncoderConfig, build_random_slat_encoder, save_slat_encoder
+
+    dinov2, slat = folder / "dinov2-demo", folder / "slat-encoder-demo.safetensors"
+    if not dinov2.exists():
+        save_random_dinov2(dinov2, seed=seed, **DEMO_DINOV2)
+    if not slat.exists():
+        config = SlatEncoderConfig(
+            in_channels=DEMO_DINOV2["hidden_size"], model_channels=64, num_blocks=2, num_heads=2
+        )
+        save_slat_encoder(build_random_slat_encoder(config, seed=seed), slat)
+    return {"dinov2": dinov2, "slat_encoder": slat}
 
 
 def generate_demo_assets(out_dir: Path, *, seed: int = 0, render_python: str | None = None) -> list[Path]:
@@ -36,9 +77,13 @@ def generate_demo_assets(out_dir: Path, *, seed: int = 0, render_python: str | N
     python = find_render_python(render_python)
     completed = subprocess.run(
         [str(python), "-m", "render_jobs.demo_assets", str(out_dir), "--seed", str(seed)],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if completed.returncode != 0:
-        raise RuntimeError(f"demo asset generation failed ({completed.returncode}):\n{completed.stderr[-4000:]}")
+        raise RuntimeError(
+            f"demo asset generation failed ({completed.returncode}):\n{completed.stderr[-4000:]}"
+        )
     manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
     return [out_dir / entry["file"] for entry in manifest["assets"].values()]

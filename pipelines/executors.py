@@ -1,0 +1,209 @@
+"""Ray actors that execute steps: render workers (one supervised render child each) and encoders.
+
+A render actor holds one `RenderSupervisor`, so its child (and its compiled shaders) lives across assets; it
+asks for one `render_slot`, a resource every node declares by how many renders it can run. Renders land on
+node-local scratch: `render_lh` sets are consumed by an encoder actor pinned to the same node and then deleted;
+`render_input` and `render_relight` sets are turned into arrays by the render actor itself.
+"""
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from catalogs.commit import StepResult
+from encoders.asset_encoder import AssetEncoder, AssetEncoderConfig
+from encoders.dinov2 import Dinov2Config
+from encoders.voxelize import voxelize_mesh
+from infra.errors import AssetRejected
+from render_jobs.protocol import RenderRequest, RenderResult
+from render_jobs.render_set import RenderSet
+from render_jobs.supervisor import RenderSupervisor, RenderWorkerConfig
+
+
+def render_set_arrays(root: Path) -> dict[str, np.ndarray]:
+    """A render set as arrays: per frame (view x lighting) the lighting-dependent passes, per view the others.
+
+    beauty (F, H, W, 4) float16; shadow (F, H, W) float16 if rendered; frame_view, frame_lighting (F,) int16;
+    c2w (V, 4, 4) float32 (Blender/OpenGL); fov (V,) float32; <pass> (V, H, W[, C]) float16 per view pass
+    """
+    render_set = RenderSet.open(root)
+    frames = render_set.frames
+    passes = list(render_set.meta["passes"])
+    per_frame = [p for p in ("beauty", "shadow") if p in passes]
+    per_view = [p for p in passes if p not in per_frame]
+    loaded = [frame.load_passes(*per_frame) for frame in frames]
+    arrays = {p: np.stack([x[p] for x in loaded]).astype(np.float16) for p in per_frame}
+    arrays["frame_view"] = np.array([f.record["view_index"] for f in frames], np.int16)
+    arrays["frame_lighting"] = np.array([f.record["lighting_index"] for f in frames], np.int16)
+    firsts = [f for f in frames if f.record["lighting_index"] == 0]
+    arrays["c2w"] = np.stack([f.c2w for f in firsts]).astype(np.float32)
+    arrays["fov"] = np.array([f.fov_rad for f in firsts], np.float32)
+    views = [f.load_passes(*per_view) for f in firsts]
+    arrays.update({p: np.stack([v[p] for v in views]).astype(np.float16) for p in per_view})
+    return arrays
+
+
+def lighting_records(root: Path) -> list[dict[str, Any]]:
+    """Per frame, the lighting it was rendered under (kind, env map, yaw, lights): enough to reproduce it."""
+    return [f.record["lighting"] for f in RenderSet.open(root).frames]
+
+
+class RenderActor:
+    """Renders one asset at a time through its own supervised render child."""
+
+    def __init__(self, worker: RenderWorkerConfig) -> None:
+        self.supervisor = RenderSupervisor(worker)
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def render_lh(
+        self, request: RenderRequest, artifact_key: str, sheet: str
+    ) -> tuple[StepResult, RenderResult, str]:
+        """Render the `lh` set, kept on this node's scratch for the encoder; the committed part is small:
+        cameras, c2w (V, 4, 4) and fov (V,), and the normalized mesh (vertices (P, 3), faces (T, 3))."""
+        clock = time.perf_counter()
+        result = self.supervisor.render(request)
+        if not result.is_ok:
+            return _failed(artifact_key, result), result, self.node_id()
+        render_set = RenderSet.open(result.out_dir)
+        vertices, faces = render_set.mesh()
+        arrays = {
+            "c2w": np.stack([f.c2w for f in render_set.frames]).astype(np.float32),
+            "fov": np.array([f.fov_rad for f in render_set.frames], np.float32),
+            "mesh_vertices": vertices.astype(np.float32),
+            "mesh_faces": faces.astype(np.int32),
+        }
+        _keep_sheet(Path(result.out_dir), sheet)
+        step = StepResult(
+            artifact_key,
+            arrays,
+            stats={**result.stats, "timings_s": result.timings_s},
+            duration_s=time.perf_counter() - clock,
+        )
+        return step, result, self.node_id()
+
+    def render_arrays(
+        self, request: RenderRequest, artifact_key: str, sheet: str, keep: bool
+    ) -> tuple[StepResult, RenderResult]:
+        """Render and read back the set as arrays (`render_input`, `render_relight`); scratch is then deleted."""
+        clock = time.perf_counter()
+        result = self.supervisor.render(request)
+        if not result.is_ok:
+            return _failed(artifact_key, result), result
+        try:
+            arrays = render_set_arrays(Path(result.out_dir))
+            stats = {
+                **result.stats,
+                "lighting": lighting_records(Path(result.out_dir)),
+                "timings_s": result.timings_s,
+            }
+            _keep_sheet(Path(result.out_dir), sheet)
+        finally:
+            if not keep:
+                shutil.rmtree(result.out_dir, ignore_errors=True)
+        return StepResult(artifact_key, arrays, stats=stats, duration_s=time.perf_counter() - clock), result
+
+    def shutdown(self) -> None:
+        self.supervisor.close()
+
+
+class EncoderActor:
+    """Holds DINOv2 and the SLAT encoder; encodes `lh` render sets on its node, or latents from stored features."""
+
+    def __init__(self, dinov2: str, slat_encoder: str) -> None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.encoder = AssetEncoder(
+            AssetEncoderConfig(dinov2=Dinov2Config(model=dinov2), slat_encoder=slat_encoder), device=device
+        )
+
+    def weights(self) -> dict[str, str]:
+        return {name: info.digest for name, info in self.encoder.weights.items()}
+
+    def encode(self, render_dir: str, keys: dict[str, str], keep: bool) -> list[StepResult]:
+        """voxelize, features, slat_lh, slat_bc of one asset (`keys`: step -> artifact key, the todo ones)."""
+        clock = time.perf_counter()
+        try:
+            encoding = self.encoder.encode(render_dir)
+        except AssetRejected as err:
+            return [StepResult(key, error=f"{err.reason.value}: {err.detail}") for key in keys.values()]
+        finally:
+            if not keep:
+                shutil.rmtree(render_dir, ignore_errors=True)
+        timings = encoding.meta["timings"]
+        reading = time.perf_counter() - clock - sum(timings.values())  # opening the set, deleting it
+        seconds = {
+            "voxelize": timings["voxelize_s"],
+            "features": reading
+            + timings["load_views_s"]
+            + sum(
+                timings[f"{kind}_{role}_s"]
+                for kind in ("dinov2", "backproject")
+                for role in encoding.features
+            ),
+            **{f"slat_{role}": timings[f"slat_{role}_s"] for role in encoding.latents},
+        }
+        stats = {
+            "num_voxels": len(encoding.coords),
+            "random_weights": encoding.is_random_weights,
+            "timings_s": encoding.meta["timings"],
+        }
+        arrays = {
+            "voxelize": {"coords": encoding.coords},
+            "features": {f"feats_{role}": feats for role, feats in encoding.features.items()},
+            **{
+                f"slat_{role}": {"coords": encoding.coords, "latent": latent}
+                for role, latent in encoding.latents.items()
+            },
+        }
+        return [
+            StepResult(key, arrays[step], stats=stats, duration_s=seconds[step]) for step, key in keys.items()
+        ]
+
+    def encode_latents(
+        self, coords: np.ndarray, features: dict[str, np.ndarray], keys: dict[str, str]
+    ) -> list[StepResult]:
+        """slat_<role> from stored features: what new encoder weights recompute."""
+        clock = time.perf_counter()
+        roles = {step.removeprefix("slat_") for step in keys}
+        latents = self.encoder.encode_latents(coords, {r: f for r, f in features.items() if r in roles})
+        seconds = (time.perf_counter() - clock) / len(keys)
+        return [
+            StepResult(
+                key,
+                {"coords": coords, "latent": latents[step.removeprefix("slat_")]},
+                stats={"num_voxels": len(coords)},
+                duration_s=seconds,
+            )
+            for step, key in keys.items()
+        ]
+
+    def voxelize(self, vertices: np.ndarray, faces: np.ndarray, key: str) -> StepResult:
+        clock = time.perf_counter()
+        coords = voxelize_mesh(torch.from_numpy(vertices), torch.from_numpy(faces)).numpy().astype(np.uint8)
+        if not len(coords):
+            return StepResult(key, error="empty_scene: the normalized mesh occupies no voxel")
+        return StepResult(
+            key, {"coords": coords}, stats={"num_voxels": len(coords)}, duration_s=time.perf_counter() - clock
+        )
+
+
+def _keep_sheet(render_dir: Path, sheet: str) -> None:
+    """Copy the beauty contact sheet into the build report before the render set is deleted."""
+    source = render_dir / "contact_sheets" / "beauty.png"
+    if source.exists():
+        Path(sheet).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, sheet)
+
+
+def _failed(artifact_key: str, result: RenderResult) -> StepResult:
+    return StepResult(
+        artifact_key,
+        error=f"{result.reason}: {result.message}",
+        stats={"stderr_tail": result.stderr_tail, "timings_s": result.timings_s},
+    )

@@ -1,0 +1,74 @@
+"""The build's steps (DESIGN section 8) with the paper's defaults, as catalog `StepSpec`s.
+
+    source -> render_lh ---------> features -> slat_lh, slat_bc
+    source -> voxelize -----------^
+    source -> render_input, render_relight
+
+`render_lh` commits its cameras and the normalized mesh; its images are transient (scratch) and consumed by
+`features`. `voxelize` reads the normalized mesh that every render writes, so it depends on the source only.
+Model weight digests enter the specs, so new weights recompute exactly the steps that use them.
+"""
+
+import torch
+
+from catalogs.keys import SOURCE, StepGraph, StepSpec
+from encoders.backproject import BackprojectConfig
+from encoders.dinov2 import Dinov2Config, Dinov2Features
+from encoders.slat_encoder import load_slat_encoder
+from encoders.weights import WeightsInfo
+from pipelines.build_config import BuildConfig
+
+VOXEL_RESOLUTION = 64
+RENDER_STEPS = {"render_lh": "lh", "render_input": "input", "render_relight": "relight"}
+ENCODE_STEPS = ("voxelize", "features", "slat_lh", "slat_bc")
+
+
+def model_weights(config: BuildConfig) -> dict[str, WeightsInfo]:
+    """Digests of the configured models, loaded on the CPU through the same code the encoder actors run."""
+    cpu = torch.device("cpu")
+    _, slat = load_slat_encoder(config.slat_encoder, device=cpu)
+    return {
+        "dinov2": Dinov2Features(Dinov2Config(model=config.dinov2), device=cpu).weights,
+        "slat_encoder": slat,
+    }
+
+
+def build_graph(config: BuildConfig, weights: dict[str, WeightsInfo]) -> StepGraph:
+    def render(step: str) -> StepSpec:
+        params = config.recipes[RENDER_STEPS[step]].to_dict()
+        return StepSpec(step, "1", (SOURCE,), params, implementation=("render_jobs.worker",))
+
+    features = {"image_size_px": 518, "backproject": BackprojectConfig().to_dict(), "roles": ["lh", "bc"]}
+    return StepGraph(
+        [
+            render("render_lh"),
+            StepSpec(
+                "voxelize",
+                "1",
+                (SOURCE,),
+                {"resolution": VOXEL_RESOLUTION},
+                implementation=("encoders.voxelize",),
+            ),
+            StepSpec(
+                "features",
+                "1",
+                ("render_lh", "voxelize"),
+                features,
+                {"dinov2": weights["dinov2"].digest},
+                implementation=("encoders.backproject",),
+            ),
+            *(
+                StepSpec(
+                    f"slat_{role}",
+                    "1",
+                    ("features",),
+                    {"role": role},
+                    {"slat_encoder": weights["slat_encoder"].digest},
+                    implementation=("encoders.slat_encoder",),
+                )
+                for role in ("lh", "bc")
+            ),
+            render("render_input"),
+            render("render_relight"),
+        ]
+    )
