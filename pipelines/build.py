@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import os
 import secrets
 import shutil
 import time
@@ -154,20 +155,18 @@ def run_build(
 
 
 def _init_ray(config: BuildConfig) -> None:
+    """The configured cluster, else `RAY_ADDRESS`'s (as `ray job submit` sets it), else a new local one."""
     if ray.is_initialized():
         return
-    execution = config.execution
-    if execution.ray_address:
-        ray.init(address=execution.ray_address, log_to_driver=False)
-    else:  # the cluster of RAY_ADDRESS (ray job submit) or a new local one
-        try:
-            ray.init(address="auto", log_to_driver=False)
-        except ConnectionError:
-            ray.init(
-                resources={"render_slot": execution.render_slots},
-                log_to_driver=False,
-                include_dashboard=False,
-            )
+    address = config.execution.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(
+            resources={"render_slot": config.execution.render_slots},
+            log_to_driver=False,
+            include_dashboard=False,
+        )
 
 
 class _Executor:

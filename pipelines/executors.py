@@ -83,7 +83,7 @@ class RenderActor:
         step = StepResult(
             artifact_key,
             arrays,
-            stats={**result.stats, "timings_s": result.timings_s},
+            stats={**result.stats, "timings_s": result.timings_s, "node": self.node_id()},
             duration_s=time.perf_counter() - clock,
         )
         return step, result, self.node_id()
@@ -102,6 +102,7 @@ class RenderActor:
                 **result.stats,
                 "lighting": lighting_records(Path(result.out_dir)),
                 "timings_s": result.timings_s,
+                "node": self.node_id(),
             }
             _keep_sheet(Path(result.out_dir), sheet)
         finally:
@@ -152,6 +153,7 @@ class EncoderActor:
             "num_voxels": len(encoding.coords),
             "random_weights": encoding.is_random_weights,
             "timings_s": encoding.meta["timings"],
+            "node": ray.get_runtime_context().get_node_id(),
         }
         arrays = {
             "voxelize": {"coords": encoding.coords},
