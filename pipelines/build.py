@@ -33,9 +33,9 @@ from catalogs.tables import FactoryCatalog
 from pipelines.build_config import BuildConfig
 from pipelines.executors import EncoderActor, RenderActor
 from pipelines.local_render import asset_dir_name
-from pipelines.sources import ingest
+from pipelines.ingest import ingest
 from pipelines.steps import ENCODE_STEPS, RENDER_STEPS, build_graph, model_weights
-from render_jobs.protocol import RenderRequest
+from render_jobs.protocol import RenderRequest, RenderResult
 from render_jobs.supervisor import RenderWorkerConfig
 
 logger = logging.getLogger(__name__)
@@ -228,9 +228,12 @@ class _Executor:
         self.pending: dict[ray.ObjectRef, tuple[str, str]] = {}  # call -> (asset, kind)
         self.queue: collections.deque[tuple[str, str]] = (
             collections.deque()
-        )  # (asset, render recipe) waiting for an actor
+        )  # (asset, step) awaiting an actor
         self.active: collections.Counter = collections.Counter()  # asset -> calls in flight or queued
         self.actor_of: dict[ray.ObjectRef, Any] = {}  # render call -> its actor, idle again once it returns
+        self.buffer: dict[str, list[tuple[str, StepResult, str]]] = collections.defaultdict(list)
+        """step -> (asset, result, stderr tail) executed but not yet committed."""
+        self.last_commit = time.monotonic()
 
     def run(self) -> None:
         assets = collections.deque(sorted(self.todo))
@@ -238,9 +241,16 @@ class _Executor:
             while assets and len(self.active) < self.config.execution.max_in_flight:
                 self._start(assets.popleft())
             self._dispatch_renders()
-            ready, _ = ray.wait(list(self.pending), num_returns=1)
-            asset, kind = self.pending.pop(ready[0])
-            self._finish(asset, kind, ready[0])
+            if not self.pending:
+                continue
+            ready, _ = ray.wait(
+                list(self.pending), num_returns=1, timeout=self.config.execution.commit_interval_s
+            )
+            if ready:
+                asset, kind = self.pending.pop(ready[0])
+                self._finish(asset, kind, ready[0])
+            self._flush(force=False)
+        self._flush(force=True)
         for actor in self.render_actors:
             ray.get(actor.shutdown.remote())
         if not self.config.execution.keep_renders:  # every set was consumed; only empty folders remain here
@@ -368,18 +378,33 @@ class _Executor:
         if self.active[asset] <= 0:
             del self.active[asset]
 
-    def _commit(self, asset: str, results: list[StepResult], render=None) -> None:
-        by_step = collections.defaultdict(list)
+    def _commit(self, asset: str, results: list[StepResult], render: RenderResult | None = None) -> None:
+        """Buffer executed results; `_flush` commits them in batches."""
         step_of = {key: step for step, key in self.todo[asset].items()}
         for result in results:
-            by_step[step_of[result.artifact_key]].append(result)
-        for step, step_results in by_step.items():
-            rows = self.work.todo.filter(
-                pc.is_in(self.work.todo["artifact_key"], pa.array([r.artifact_key for r in step_results]))
+            self.buffer[step_of[result.artifact_key]].append(
+                (asset, result, render.stderr_tail if render else "")
             )
-            packed = write_batch(self.config.data_root, rows, step_results, self.record.run_id)
-            commit_batch(self.catalog, rows, step_results, packed, self.record.run_id)
-            for result in step_results:
+
+    def _flush(self, *, force: bool) -> None:
+        """Commit the buffer (per step: one pack, then one registry commit) once it holds `commit_every` results
+        or `commit_interval_s` has passed: few Iceberg snapshots, and a crash loses only uncommitted work."""
+        execution = self.config.execution
+        buffered = sum(len(items) for items in self.buffer.values())
+        due = (
+            buffered >= execution.commit_every
+            or time.monotonic() - self.last_commit >= execution.commit_interval_s
+        )
+        if not buffered or not (force or due):
+            return
+        for step, items in self.buffer.items():
+            results = [result for _, result, _ in items]
+            rows = self.work.todo.filter(
+                pc.is_in(self.work.todo["artifact_key"], pa.array([r.artifact_key for r in results]))
+            )
+            packed = write_batch(self.config.data_root, rows, results, self.record.run_id)
+            commit_batch(self.catalog, rows, results, packed, self.record.run_id)
+            for asset, result, stderr_tail in items:
                 self.record.observe(step, asset, result)
                 if not result.ok:
                     self.record.failures.append(
@@ -387,11 +412,13 @@ class _Executor:
                             "asset_id": asset,
                             "step": step,
                             "error": result.error,
-                            "stderr_tail": (render.stderr_tail if render else "")[-2000:],
+                            "stderr_tail": stderr_tail[-2000:],
                         }
                     )
-            self.done += len(step_results)
-            self.on_progress(f"{step}: {asset}", self.done, self.total)
+            self.done += len(items)
+            self.on_progress(f"{step}: {items[-1][0]}", self.done, self.total)
+        self.buffer.clear()
+        self.last_commit = time.monotonic()
 
     # -- stored inputs ------------------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
+from catalogs.objaverse import OBJAVERSE_SOURCES, ObjaverseSelection
 from encoders.asset_encoder import DEFAULT_SLAT_ENCODER
 from encoders.dinov2 import DEFAULT_DINOV2
 from infra.config import FrozenConfig
@@ -23,18 +24,35 @@ from infra.errors import ConfigError
 from render_jobs.protocol import GPU_BACKENDS
 from render_jobs.recipes import RECIPE_NAMES, RecipeConfig, recipe_config
 
-SourceKind = Literal["local", "demo"]
+SourceKind = Literal["local", "demo", "objaverse-xl"]
 
 
 @dataclasses.dataclass(frozen=True)
 class SourceConfig(FrozenConfig):
     kind: SourceKind = "demo"
     path: str | None = None
-    """`local`: the folder to scan. `demo`: where the generated assets go (default `<data_root>/demo-assets`)."""
+    """`local`: the folder to scan. `demo`: where the generated assets go (default `<data_root>/demo-assets`).
+    `objaverse-xl`: the download cache (annotations, repos, extracted files; default `<data_root>/objaverse`)."""
     pattern: str = "**/*"
     """`local`: glob under `path`; files with a supported extension are taken, symlinks out of `path` are not."""
     seed: int = 0
     """`demo`: seed of the generated assets."""
+    objaverse_sources: tuple[str, ...] = OBJAVERSE_SOURCES
+    file_types: tuple[str, ...] = ObjaverseSelection.file_types
+    licenses: tuple[str, ...] | None = None
+    ids_file: str | None = None
+    """`objaverse-xl`: a file of fileIdentifiers or sha256s to keep, one per line (a curated list)."""
+    limit: int | None = None
+    download_processes: int = 8
+    max_file_mb: int = 512
+    """Largest file taken out of a GitHub repository archive."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("local", "demo", "objaverse-xl"):
+            raise ConfigError(f"source kind must be local, demo or objaverse-xl, got {self.kind!r}")
+        if self.kind == "local" and not self.path:
+            raise ConfigError("a local source needs a path")
+        ObjaverseSelection(sources=self.objaverse_sources)  # validates the names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +76,10 @@ class ExecutionConfig(FrozenConfig):
     """GPU share of the encoder actor; 0 runs it on CPU."""
     max_in_flight: int = 8
     """Assets between render and commit at any time."""
+    commit_every: int = 64
+    """Results per registry commit (each commit is an Iceberg snapshot); 1 commits each result as it arrives."""
+    commit_interval_s: float = 30.0
+    """Commit what has arrived at least this often."""
     render_timeout_s: float = 600.0
     allow_software_gl: bool = False
     gpu_backend: str = "opengl"
@@ -68,8 +90,8 @@ class ExecutionConfig(FrozenConfig):
     def __post_init__(self) -> None:
         if self.gpu_backend not in GPU_BACKENDS:
             raise ConfigError(f"gpu_backend must be one of {GPU_BACKENDS}, got {self.gpu_backend!r}")
-        if self.max_in_flight < 1 or self.render_slots < 1:
-            raise ConfigError("max_in_flight and render_slots must be >= 1")
+        if min(self.max_in_flight, self.render_slots, self.commit_every) < 1:
+            raise ConfigError("max_in_flight, render_slots and commit_every must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +129,8 @@ class BuildConfig:
             source = SourceConfig.from_dict(data.get("source", {}))
             if source.path is not None:
                 source = source.replace(path=str(_resolve(base, source.path)))
+            if source.ids_file is not None:
+                source = source.replace(ids_file=str(_resolve(base, source.ids_file)))
             overrides = data.get("recipes") or {}
             bad = sorted(set(overrides) - set(RECIPE_NAMES))
             if bad:

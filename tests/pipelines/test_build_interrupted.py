@@ -48,7 +48,7 @@ def test_a_killed_driver_loses_nothing_committed(tmp_path, demo_assets, render_p
                 },
                 "models": {name: str(path) for name, path in models.items()},
                 "release": {"name": "v1"},
-                "execution": {"allow_software_gl": True},
+                "execution": {"allow_software_gl": True, "commit_every": 1},
             }
         )
     )
