@@ -32,13 +32,23 @@ from catalogs.releases import ReleaseExistsError, ReleaseSpec, create_release
 from catalogs.tables import FactoryCatalog
 from pipelines.build_config import BuildConfig
 from pipelines.executors import EncoderActor, RenderActor
-from pipelines.local_render import asset_dir_name
 from pipelines.ingest import ingest
+from pipelines.local_render import asset_dir_name
 from pipelines.steps import ENCODE_STEPS, RENDER_STEPS, build_graph, model_weights
 from render_jobs.protocol import RenderRequest, RenderResult
 from render_jobs.supervisor import RenderWorkerConfig
 
 logger = logging.getLogger(__name__)
+
+_CALL_STEPS = {
+    "render_lh": ("render_lh", *ENCODE_STEPS),  # the encode steps wait for this render
+    "render_input": ("render_input",),
+    "render_relight": ("render_relight",),
+    "encode": ENCODE_STEPS,
+    "latents": ("slat_lh", "slat_bc"),
+    "voxelize": ("voxelize",),
+}
+"""Kind of actor call -> the steps whose results it was to produce (the todo ones among them fail with it)."""
 
 RELEASE_ROLES = {
     "voxels": "voxelize",
@@ -344,7 +354,7 @@ class _Executor:
             value = ray.get(ref)
         except ray.exceptions.RayError as err:  # a lost worker: recorded, retried by --retry-failed
             value = None
-            failed = [k for k in steps if k == kind or (kind == "render_lh" and k in ENCODE_STEPS)]
+            failed = [step for step in _CALL_STEPS[kind] if step in steps]
             self._commit(
                 asset,
                 [
