@@ -244,6 +244,7 @@ class _Executor:
         self.buffer: dict[str, list[tuple[str, StepResult, str]]] = collections.defaultdict(list)
         """step -> (asset, result, stderr tail) executed but not yet committed."""
         self.last_commit = time.monotonic()
+        self.ok_before: dict[str, dict[str, Any]] | None = None  # artifact key -> pack_path, arrays
 
     def run(self) -> None:
         assets = collections.deque(sorted(self.todo))
@@ -433,11 +434,15 @@ class _Executor:
     # -- stored inputs ------------------------------------------------------------------------------------------
 
     def _stored(self, asset: str, step: str) -> dict[str, np.ndarray]:
-        ok = self.catalog.ok_artifacts()
-        rows = ok.filter(pc.equal(ok["artifact_key"], self.keys[(asset, step)])).to_pylist()
-        if not rows:
+        """An input committed before this build (what the plan found `ok`), read from its pack."""
+        if self.ok_before is None:  # read once: per asset it would make a large rebuild quadratic
+            ok = self.catalog.ok_artifacts()
+            self.ok_before = dict(
+                zip(ok["artifact_key"].to_pylist(), ok.select(["pack_path", "arrays"]).to_pylist())
+            )
+        row = self.ok_before.get(self.keys[(asset, step)])
+        if row is None:
             raise LookupError(f"no ok {step} artifact for {asset}")
-        row = rows[0]
         return read_asset(
             self.config.data_root, row["pack_path"], [ArraySlice.from_dict(a) for a in row["arrays"]]
         )
