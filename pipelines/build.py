@@ -34,14 +34,14 @@ from pipelines.build_config import BuildConfig
 from pipelines.executors import EncoderActor, RenderActor
 from pipelines.ingest import ingest
 from pipelines.local_render import asset_dir_name
-from pipelines.steps import ENCODE_STEPS, RENDER_STEPS, build_graph, model_weights
+from pipelines.steps import ENCODE_STEPS, LH_RENDER_STEPS, RENDER_STEPS, build_graph, model_weights
 from render_jobs.protocol import RenderRequest, RenderResult
 from render_jobs.supervisor import RenderWorkerConfig
 
 logger = logging.getLogger(__name__)
 
 _CALL_STEPS = {
-    "render_lh": ("render_lh", *ENCODE_STEPS),  # the encode steps wait for this render
+    "render_lh": ("render_lh", "normalize", *ENCODE_STEPS),  # the encode steps wait for this render
     "render_input": ("render_input",),
     "render_relight": ("render_relight",),
     "encode": ENCODE_STEPS,
@@ -274,7 +274,8 @@ class _Executor:
         for step in ("render_input", "render_relight"):
             if step in steps:
                 self._queue_render(asset, step)
-        if "render_lh" in steps or "features" in steps:
+        needs_lh_render = any(step in steps for step in (*LH_RENDER_STEPS, "features"))
+        if needs_lh_render:
             self._queue_render(asset, "render_lh")
         elif slats := {s: steps[s] for s in ("slat_lh", "slat_bc") if s in steps}:
             try:
@@ -285,7 +286,7 @@ class _Executor:
                 )
             else:
                 self._call(asset, "latents", self._encoder(None).encode_latents.remote(*stored, slats))
-        if "voxelize" in steps and "render_lh" not in steps and "features" not in steps:
+        if "voxelize" in steps and not needs_lh_render:
             try:
                 vertices, faces = self._stored_mesh(asset)
             except LookupError as err:
@@ -317,12 +318,12 @@ class _Executor:
             )
             request = RenderRequest(self.uri[asset], str(out_dir), source_id, recipe.to_dict())
             sheet = str(self.report_dir / "sheets" / f"{out_dir.name}_{recipe.name}.png")
-            key = self.keys[(asset, step)]
             if step == "render_lh":
-                ref = actor.render_lh.options(name=f"render_lh:{asset}").remote(request, key, sheet)
+                keys = {s: self.todo[asset][s] for s in LH_RENDER_STEPS if s in self.todo[asset]}
+                ref = actor.render_lh.options(name=f"render_lh:{asset}").remote(request, keys, sheet)
             else:
                 ref = actor.render_arrays.options(name=f"{step}:{asset}").remote(
-                    request, key, sheet, self.config.execution.keep_renders
+                    request, self.keys[(asset, step)], sheet, self.config.execution.keep_renders
                 )
             self.pending[ref] = (asset, step)
             self.actor_of[ref] = actor
@@ -364,8 +365,7 @@ class _Executor:
                 ],
             )
         if kind == "render_lh" and value is not None:
-            step_result, render, node_id = value
-            results = [step_result] if "render_lh" in steps else []
+            results, render, node_id = value
             encode_keys = {s: steps[s] for s in ENCODE_STEPS if s in steps}
             if render.is_ok and encode_keys:
                 self._call(
@@ -377,7 +377,7 @@ class _Executor:
                 )
             elif not render.is_ok:
                 results += [
-                    StepResult(key, error=f"render_lh failed: {step_result.error}")
+                    StepResult(key, error=f"render_lh failed: {render.reason}: {render.message}")
                     for key in encode_keys.values()
                 ]
             self._commit(asset, results, render)
@@ -453,8 +453,8 @@ class _Executor:
         return coords, {name.removeprefix("feats_"): array for name, array in stored.items()}
 
     def _stored_mesh(self, asset: str) -> tuple[np.ndarray, np.ndarray]:
-        stored = self._stored(asset, "render_lh")
-        return stored["mesh_vertices"], stored["mesh_faces"]
+        stored = self._stored(asset, "normalize")
+        return stored["vertices"], stored["faces"]
 
 
 def _release(catalog: FactoryCatalog, graph: Any, config: BuildConfig) -> dict[str, Any]:

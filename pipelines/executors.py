@@ -63,30 +63,37 @@ class RenderActor:
         return ray.get_runtime_context().get_node_id()
 
     def render_lh(
-        self, request: RenderRequest, artifact_key: str, sheet: str
-    ) -> tuple[StepResult, RenderResult, str]:
-        """Render the `lh` set, kept on this node's scratch for the encoder; the committed part is small:
-        cameras, c2w (V, 4, 4) and fov (V,), and the normalized mesh (vertices (P, 3), faces (T, 3))."""
+        self, request: RenderRequest, keys: dict[str, str], sheet: str
+    ) -> tuple[list[StepResult], RenderResult, str]:
+        """Render the `lh` set, kept on this node's scratch for the encoder, and the results of the todo ones of
+        `keys` (step -> artifact key): `render_lh` commits the cameras, c2w (V, 4, 4) and fov (V,); `normalize`
+        the normalized mesh, vertices (P, 3) and faces (T, 3), with its scale (1,) and offset (3,)."""
         clock = time.perf_counter()
         result = self.supervisor.render(request)
         if not result.is_ok:
-            return _failed(artifact_key, result), result, self.node_id()
+            return [_failed(key, result) for key in keys.values()], result, self.node_id()
         render_set = RenderSet.open(result.out_dir)
         vertices, faces = render_set.mesh()
+        normalization = render_set.meta["normalization"]
         arrays = {
-            "c2w": np.stack([f.c2w for f in render_set.frames]).astype(np.float32),
-            "fov": np.array([f.fov_rad for f in render_set.frames], np.float32),
-            "mesh_vertices": vertices.astype(np.float32),
-            "mesh_faces": faces.astype(np.int32),
+            "render_lh": {
+                "c2w": np.stack([f.c2w for f in render_set.frames]).astype(np.float32),
+                "fov": np.array([f.fov_rad for f in render_set.frames], np.float32),
+            },
+            "normalize": {
+                "vertices": vertices.astype(np.float32),
+                "faces": faces.astype(np.int32),
+                "scale": np.array([normalization["scale"]], np.float64),
+                "offset": np.array(normalization["offset"], np.float64),
+            },
         }
         _keep_sheet(Path(result.out_dir), sheet)
-        step = StepResult(
-            artifact_key,
-            arrays,
-            stats={**result.stats, "timings_s": result.timings_s, "node": self.node_id()},
-            duration_s=time.perf_counter() - clock,
-        )
-        return step, result, self.node_id()
+        stats = {**result.stats, "timings_s": result.timings_s, "node": self.node_id()}
+        seconds = time.perf_counter() - clock
+        results = [
+            StepResult(key, arrays[step], stats=stats, duration_s=seconds) for step, key in keys.items()
+        ]
+        return results, result, self.node_id()
 
     def render_arrays(
         self, request: RenderRequest, artifact_key: str, sheet: str, keep: bool

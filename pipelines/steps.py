@@ -1,11 +1,13 @@
 """The build's steps (DESIGN section 8) with the paper's defaults, as catalog `StepSpec`s.
 
-    source -> render_lh ---------> features -> slat_lh, slat_bc
-    source -> voxelize -----------^
+    source -> normalize -> voxelize --v
+    source -> render_lh -----------> features -> slat_lh, slat_bc
     source -> render_input, render_relight
 
-`render_lh` commits its cameras and the normalized mesh; its images are transient (scratch) and consumed by
-`features`. `voxelize` reads the normalized mesh that every render writes, so it depends on the source only.
+Only Blender imports assets, so the `lh` render call also yields `normalize` (the mesh scaled so its largest
+side is 1 and centred, DESIGN section 4, with its scale and offset); `render_lh` commits its cameras, and its
+images are transient (scratch) and consumed by `features`. Changing the `lh` recipe therefore leaves
+`normalize` and `voxelize` alone.
 Model weight digests enter the specs, so new weights recompute exactly the steps that use them.
 """
 
@@ -21,6 +23,8 @@ from pipelines.build_config import BuildConfig
 VOXEL_RESOLUTION = 64
 RENDER_STEPS = {"render_lh": "lh", "render_input": "input", "render_relight": "relight"}
 ENCODE_STEPS = ("voxelize", "features", "slat_lh", "slat_bc")
+LH_RENDER_STEPS = ("render_lh", "normalize")
+"""What one `lh` render call commits."""
 
 
 def model_weights(config: BuildConfig) -> dict[str, WeightsInfo]:
@@ -43,9 +47,16 @@ def build_graph(config: BuildConfig, weights: dict[str, WeightsInfo]) -> StepGra
         [
             render("render_lh"),
             StepSpec(
-                "voxelize",
+                "normalize",
                 "1",
                 (SOURCE,),
+                {"largest_side": 1.0, "centre": "aabb"},
+                implementation=("render_jobs.blender_scene",),
+            ),
+            StepSpec(
+                "voxelize",
+                "1",
+                ("normalize",),
                 {"resolution": VOXEL_RESOLUTION},
                 implementation=("encoders.voxelize",),
             ),

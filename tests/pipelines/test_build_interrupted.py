@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.blender, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = ("textured_cube", "diffuse_sphere", "metal_torus")
-STEPS = 7
+STEPS = 8
 
 
 def test_a_killed_driver_loses_nothing_committed(tmp_path, demo_assets, render_python) -> None:
