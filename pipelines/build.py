@@ -234,7 +234,7 @@ class _Executor:
             for i in range(slots)
         ]
         self.idle = list(self.render_actors)
-        self.encoders: dict[str, Any] = {}
+        self.encoders: dict[str, list[Any]] = {}  # node id -> its encoder actors
         self.pending: dict[ray.ObjectRef, tuple[str, str]] = {}  # call -> (asset, kind)
         self.queue: collections.deque[tuple[str, str]] = (
             collections.deque()
@@ -333,17 +333,21 @@ class _Executor:
         self.active[asset] += 1
 
     def _encoder(self, node_id: str | None) -> Any:
-        """The encoder actor of `node_id` (where an lh render set lies), created on first use."""
+        """An encoder actor of `node_id` (where an lh render set lies): up to `encoders_per_node` of them, created
+        on first use and taken in turn."""
         node_id = node_id or ray.get_runtime_context().get_node_id()
-        if node_id not in self.encoders:
+        actors = self.encoders.setdefault(node_id, [])
+        if len(actors) < self.config.execution.encoders_per_node:
             actor = ray.remote(EncoderActor).options(
                 num_gpus=self.config.execution.encoder_gpus,
                 num_cpus=1,
-                name=f"encoder-{self.record.run_id}-{node_id[:8]}",
+                name=f"encoder-{self.record.run_id}-{node_id[:8]}-{len(actors)}",
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
             )
-            self.encoders[node_id] = actor.remote(self.config.dinov2, self.config.slat_encoder)
-        return self.encoders[node_id]
+            actors.append(actor.remote(self.config.dinov2, self.config.slat_encoder))
+            return actors[-1]
+        actors.append(actors.pop(0))  # round robin
+        return actors[-1]
 
     # -- results ------------------------------------------------------------------------------------------------
 

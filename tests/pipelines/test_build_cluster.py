@@ -28,8 +28,8 @@ TINY = {"resolution_px": 48, "samples": 1}
 @pytest.fixture(scope="module")
 def two_nodes():
     """Two Ray nodes, each declaring one render slot."""
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"render_slot": 1}})
-    cluster.add_node(num_cpus=2, resources={"render_slot": 1})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "resources": {"render_slot": 1}})
+    cluster.add_node(num_cpus=4, resources={"render_slot": 1})
     ray.init(address=cluster.address, log_to_driver=False)
     yield cluster
     ray.shutdown()
@@ -49,7 +49,7 @@ def _config(root: Path, assets: Path) -> BuildConfig:
             },
             "models": {name: str(path) for name, path in models.items()},
             "release": {"name": "v1"},
-            "execution": {"allow_software_gl": True, "max_in_flight": 4},
+            "execution": {"allow_software_gl": True, "max_in_flight": 4, "encoders_per_node": 2},
         }
     )
 
