@@ -1,7 +1,7 @@
-"""Local sources: files found under a folder, hashed into `sources` rows.
+"""Local sources: asset files under a folder, hashed into `sources` rows.
 
 An asset's id is its path relative to the folder (stable across rebuilds); its `source_id` is the sha256 of its
-bytes, so an edited file is a new revision of the same asset. Symlinks are never followed out of the folder.
+bytes, so an edited file is a new revision of the same asset.
 """
 
 import os
@@ -26,27 +26,19 @@ SOURCE_ROW_SCHEMA = pa.schema(
 """What a source contributes to a `sources` row (the catalog adds observed_at and the ingest run)."""
 
 
-def scan_folder(folder: Path, pattern: str, *, extensions: tuple[str, ...], origin: str) -> pa.Table:
-    """One row per file under `folder` matching `pattern` whose extension (no dot) is in `extensions`."""
-    folder = folder.resolve()
-    if not folder.is_dir():
-        raise FileNotFoundError(f"source folder {folder} does not exist")
-    rows = []
-    for path in sorted(folder.glob(pattern)):
-        if not path.is_file() or path.suffix.lower().lstrip(".") not in extensions:
-            continue
-        if not path.resolve().is_relative_to(folder):
-            continue  # a symlink out of the folder
-        rows.append(
-            {
-                "asset_id": path.relative_to(folder).as_posix(),
-                "source_id": sha256_file(path),
-                "uri": str(path),
-                "size": os.path.getsize(path),
-                "kind": path.suffix.lower().lstrip("."),
-                "origin": origin,
-                "license": None,
-                "attrs_json": None,
-            }
-        )
+def file_rows(folder: Path, files: list[Path], *, origin: str) -> pa.Table:
+    """One row per file (found under `folder`); the asset id is its path relative to the folder."""
+    rows = [
+        {
+            "asset_id": path.relative_to(folder).as_posix(),
+            "source_id": sha256_file(path),
+            "uri": str(path),
+            "size": os.path.getsize(path),
+            "kind": path.suffix.lower().lstrip("."),
+            "origin": origin,
+            "license": None,
+            "attrs_json": None,
+        }
+        for path in files
+    ]
     return pa.Table.from_pylist(rows, schema=SOURCE_ROW_SCHEMA) if rows else SOURCE_ROW_SCHEMA.empty_table()

@@ -90,23 +90,15 @@ class Dinov2Features:
     """
 
     def __init__(self, config: Dinov2Config, *, device: torch.device) -> None:
-        from transformers import Dinov2WithRegistersModel  # heavy import, only where a model is built
-
         self.config, self.device = config, device
         self.dtype = _resolve_dtype(config.precision, device)
-        model = Dinov2WithRegistersModel.from_pretrained(config.model, dtype="auto").eval().requires_grad_(False)
-        digest = state_dict_digest(model.state_dict())  # of the stored weights: the same on every device
+        model, self.weights = load_dinov2(config.model)
         model = model.to(device, self.dtype)
         if config.image_size_px % model.config.patch_size:
             raise ValueError(
                 f"image_size_px {config.image_size_px} is not a multiple of the patch size "
                 f"{model.config.patch_size}"
             )
-        self.weights = WeightsInfo(
-            reference=config.model,
-            digest=digest,
-            is_random_init=is_local(config.model) and is_random_init(config.model),
-        )
         self.network = FusedVit(model, image_size_px=config.image_size_px)  # copies what it needs of `model`
         self.channels, self.grid_size = self.network.channels, self.network.grid_size
         self._mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
@@ -134,6 +126,20 @@ class Dinov2Features:
         """The network alone, on preprocessed pixels."""
         patches = self.network(pixels)  # (B, G*G, C), token = row * G + col
         return patches.transpose(1, 2).unflatten(2, (self.grid_size, self.grid_size))
+
+
+def load_dinov2(reference: str) -> tuple[torch.nn.Module, WeightsInfo]:
+    """transformers' model on the CPU in its stored dtype, and its weights' identity: the digest is of the stored
+    weights, so it is the same whatever device and dtype the model then runs in (cache keys depend on it)."""
+    from transformers import Dinov2WithRegistersModel  # heavy import, only where a model is built
+
+    model = Dinov2WithRegistersModel.from_pretrained(reference, dtype="auto").eval().requires_grad_(False)
+    info = WeightsInfo(
+        reference=reference,
+        digest=state_dict_digest(model.state_dict()),
+        is_random_init=is_local(reference) and is_random_init(reference),
+    )
+    return model, info
 
 
 def _resolve_dtype(precision: Precision, device: torch.device) -> torch.dtype:

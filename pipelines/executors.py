@@ -9,7 +9,6 @@ node-local scratch: `render_lh` sets are consumed by an encoder actor pinned to 
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import ray
@@ -25,13 +24,12 @@ from render_jobs.render_set import RenderSet
 from render_jobs.supervisor import RenderSupervisor, RenderWorkerConfig
 
 
-def render_set_arrays(root: Path) -> dict[str, np.ndarray]:
+def render_set_arrays(render_set: RenderSet) -> dict[str, np.ndarray]:
     """A render set as arrays: per frame (view x lighting) the lighting-dependent passes, per view the others.
 
     beauty (F, H, W, 4) float16; shadow (F, H, W) float16 if rendered; frame_view, frame_lighting (F,) int16;
     c2w (V, 4, 4) float32 (Blender/OpenGL); fov (V,) float32; <pass> (V, H, W[, C]) float16 per view pass
     """
-    render_set = RenderSet.open(root)
     frames = render_set.frames
     passes = list(render_set.meta["passes"])
     per_frame = [p for p in ("beauty", "shadow") if p in passes]
@@ -46,11 +44,6 @@ def render_set_arrays(root: Path) -> dict[str, np.ndarray]:
     views = [f.load_passes(*per_view) for f in firsts]
     arrays.update({p: np.stack([v[p] for v in views]).astype(np.float16) for p in per_view})
     return arrays
-
-
-def lighting_records(root: Path) -> list[dict[str, Any]]:
-    """Per frame, the lighting it was rendered under (kind, env map, yaw, lights): enough to reproduce it."""
-    return [f.record["lighting"] for f in RenderSet.open(root).frames]
 
 
 class RenderActor:
@@ -104,10 +97,11 @@ class RenderActor:
         if not result.is_ok:
             return _failed(artifact_key, result), result
         try:
-            arrays = render_set_arrays(Path(result.out_dir))
+            render_set = RenderSet.open(result.out_dir)
+            arrays = render_set_arrays(render_set)
             stats = {
                 **result.stats,
-                "lighting": lighting_records(Path(result.out_dir)),
+                "lighting": [frame.record["lighting"] for frame in render_set.frames],  # enough to reproduce
                 "timings_s": result.timings_s,
                 "node": self.node_id(),
             }

@@ -11,12 +11,12 @@ from pathlib import Path
 import pyarrow as pa
 
 from catalogs import objaverse
-from catalogs.sources import scan_folder
+from catalogs.sources import file_rows
 from catalogs.tables import FactoryCatalog
 from pipelines.build_config import BuildConfig, SourceConfig
 from pipelines.demo import generate_demo_assets
 from render_jobs.demo_assets import MANIFEST_FILE
-from render_jobs.formats import ASSET_EXTENSIONS
+from render_jobs.formats import find_asset_files
 
 logger = logging.getLogger(__name__)
 
@@ -28,11 +28,14 @@ def find_sources(config: BuildConfig) -> pa.Table:
         folder = Path(source.path or config.data_root / "demo-assets")
         if not (folder / MANIFEST_FILE).exists():
             generate_demo_assets(folder, seed=source.seed)
-        return scan_folder(folder, "*", extensions=ASSET_EXTENSIONS, origin=f"demo:seed={source.seed}")
+        return file_rows(folder, find_asset_files([folder]), origin=f"demo:seed={source.seed}")
     if source.kind == "local":
-        return scan_folder(
-            Path(source.path), source.pattern, extensions=ASSET_EXTENSIONS, origin=f"local:{source.path}"
-        )
+        folder = Path(source.path)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"source folder {folder} does not exist")
+        matched = set(folder.glob(source.pattern))  # asset files (no symlink out of the folder) that match
+        files = [path for path in find_asset_files([folder]) if path in matched]
+        return file_rows(folder, files, origin=f"local:{source.path}")
     return objaverse_sources(source, Path(source.path or config.data_root / "objaverse"))
 
 

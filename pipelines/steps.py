@@ -15,7 +15,7 @@ import torch
 
 from catalogs.keys import SOURCE, StepGraph, StepSpec
 from encoders.backproject import BackprojectConfig
-from encoders.dinov2 import Dinov2Config, Dinov2Features
+from encoders.dinov2 import load_dinov2
 from encoders.slat_encoder import load_slat_encoder
 from encoders.weights import WeightsInfo
 from pipelines.build_config import BuildConfig
@@ -29,12 +29,8 @@ LH_RENDER_STEPS = ("render_lh", "normalize")
 
 def model_weights(config: BuildConfig) -> dict[str, WeightsInfo]:
     """Digests of the configured models, loaded on the CPU through the same code the encoder actors run."""
-    cpu = torch.device("cpu")
-    _, slat = load_slat_encoder(config.slat_encoder, device=cpu)
-    return {
-        "dinov2": Dinov2Features(Dinov2Config(model=config.dinov2), device=cpu).weights,
-        "slat_encoder": slat,
-    }
+    _, slat = load_slat_encoder(config.slat_encoder, device=torch.device("cpu"))
+    return {"dinov2": load_dinov2(config.dinov2)[1], "slat_encoder": slat}
 
 
 def build_graph(config: BuildConfig, weights: dict[str, WeightsInfo]) -> StepGraph:
