@@ -6,7 +6,9 @@ tokens, so there is no mask between shifted regions and the order of tokens insi
 
 Backends run the same variable-length attention:
 - `sdpa`: `scaled_dot_product_attention` on any device and dtype. Windows are padded into a few buckets of
-  equal length (powers of two, at least 16), one batched call per bucket with a key-padding mask.
+  equal length (powers of two, at least 16), one batched call per bucket with a key-padding mask; windows of
+  more than 1024 tokens (whole objects, in the flow model) are attended one by one, unpadded and unmasked,
+  which lets SDPA use its memory-efficient kernels instead of materialising a padded score matrix.
 - `flash_attn`: `flash_attn.flash_attn_varlen_qkvpacked_func` (the `flash_attn` package; CUDA, fp16/bf16),
   the kernel the released TRELLIS models ran with.
 - `torch_varlen`: `torch.nn.attention.varlen.varlen_attn`, PyTorch's own FlashAttention varlen kernel
@@ -30,6 +32,7 @@ AttentionBackend = Literal["auto", "sdpa", "torch_varlen", "flash_attn"]
 # (qkv (M, 3, H, D) sorted by window, cu_seqlens, max_len) -> (M, H, D)
 _VarlenKernel = Callable[[Tensor, Tensor, int], Tensor]
 _MIN_BUCKET_LEN = 16
+_MAX_BUCKET_LEN = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,10 +150,14 @@ def _sdpa_buckets(
     if qkv.shape[0] == 0:
         return out
     starts, lengths = cu_seqlens[:-1].long(), cu_seqlens.diff().long()
+    is_long = lengths > _MAX_BUCKET_LEN
+    for start, length in zip(starts[is_long].tolist(), lengths[is_long].tolist()):
+        q, k, v = qkv[start : start + length].permute(1, 2, 0, 3)  # 3 x (H, L, D)
+        out[start : start + length] = F.scaled_dot_product_attention(q, k, v).transpose(0, 1)
     bucket_len = torch.clamp(lengths, min=_MIN_BUCKET_LEN)
     bucket_len = 2 ** torch.ceil(torch.log2(bucket_len.double())).long()
-    for padded_len in bucket_len.unique().tolist():
-        windows = torch.nonzero(bucket_len == padded_len).squeeze(1)
+    for padded_len in bucket_len[~is_long].unique().tolist():
+        windows = torch.nonzero((bucket_len == padded_len) & ~is_long).squeeze(1)
         rows = starts[windows, None] + torch.arange(padded_len, device=qkv.device)  # (w, L)
         is_valid = rows < (starts + lengths)[windows, None]
         q, k, v = qkv[rows.clamp(max=qkv.shape[0] - 1)].permute(2, 0, 3, 1, 4)  # 3 x (w, H, L, D)

@@ -123,9 +123,33 @@ class Dinov2Features:
         )
 
     def tokens(self, pixels: Float[Tensor, "B 3 S S"]) -> Float[Tensor, "B C G G"]:
-        """The network alone, on preprocessed pixels."""
-        patches = self.network(pixels)  # (B, G*G, C), token = row * G + col
+        """The network alone, on preprocessed pixels: the patch tokens as a grid."""
+        patches = self.network(pixels)[:, self.network.num_prefix_tokens :]  # (B, G*G, C), row * G + col
         return patches.transpose(1, 2).unflatten(2, (self.grid_size, self.grid_size))
+
+    @torch.inference_mode()
+    def condition(self, rgba: Float[Tensor, "B 4 H W"]) -> Float[Tensor, "B T C"]:
+        """The image condition of TRELLIS's flow models (reference 6.6): each view cropped to a square 1.2
+        times its alpha bounding box, then every token (cls, registers, patches; T = 1374 at 518^2) through a
+        LayerNorm without affine, in float32."""
+        cropped = torch.stack([square_crop(view, size_px=self.config.image_size_px) for view in rgba])
+        tokens = torch.cat([self.network(self.preprocess(b)) for b in cropped.split(self.config.batch_size)])
+        return F.layer_norm(tokens.float(), tokens.shape[-1:], eps=1e-5)
+
+
+def square_crop(rgba: Float[Tensor, "4 H W"], *, size_px: int, margin: float = 1.2) -> Float[Tensor, "4 S S"]:
+    """The square of side `margin` x the longer side of the alpha > 0 box, centred on it, zero outside the
+    image, resized to `size_px` (bicubic, antialiased); an empty alpha keeps the whole view."""
+    rows, cols = torch.nonzero(rgba[3] > 0, as_tuple=True)
+    if len(rows):
+        top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+        side = int(margin * max(int(bottom - top), int(right - left)))
+        y0, x0 = int(top + bottom - side) // 2, int(left + right - side) // 2
+        h, w = rgba.shape[1:]
+        padded = F.pad(rgba, (max(0, -x0), max(0, x0 + side - w), max(0, -y0), max(0, y0 + side - h)))
+        rgba = padded[:, max(0, y0) : max(0, y0) + side, max(0, x0) : max(0, x0) + side]
+    resized = F.interpolate(rgba[None].float(), size=(size_px, size_px), mode="bicubic", antialias=True)
+    return resized[0].clamp_min(0.0)
 
 
 def load_dinov2(reference: str) -> tuple[torch.nn.Module, WeightsInfo]:

@@ -84,15 +84,15 @@ class FusedVit:
         self._fc1 = _fc1_gelu_epilogue if is_cuda else _fc1_gelu
 
     @torch.inference_mode()
-    def __call__(self, pixels: Float[Tensor, "B 3 S S"]) -> Float[Tensor, "B P C"]:
-        """Patch tokens in row-major order (P = G * G, token = row * G + col), in the model's dtype."""
+    def __call__(self, pixels: Float[Tensor, "B 3 S S"]) -> Float[Tensor, "B T C"]:
+        """Every token in the model's dtype: cls, the registers, then the patches in row-major order
+        (T = num_prefix_tokens + G * G, patch token = row * G + col)."""
         batch = pixels.shape[0]
         stream = self._embed(pixels)  # (B * T, C), the residual stream minus the deferred biases
         tokens = stream.shape[0] // batch
         with sdpa_kernel(_ATTENTION_PRIORITY, set_priority=True):
             self._blocks(stream, batch, tokens)
-        patches = stream.view(batch, tokens, self.channels)[:, self.num_prefix_tokens :]
-        return (patches.float() + self.final_shift).to(self.dtype)
+        return (stream.view(batch, tokens, self.channels).float() + self.final_shift).to(self.dtype)
 
     def _blocks(self, stream: Float[Tensor, "BT C"], batch: int, tokens: int) -> None:
         """Runs every block on the residual stream in place."""

@@ -10,31 +10,20 @@ metadata) beside `<name>.json` = `{"name": "SLatEncoder", "args": {...}}`.
 """
 
 import dataclasses
-import json
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import torch
 import torch.nn.functional as F
-from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor, nn
 
 from encoders.attention import AttentionBackend, WindowPartition, sparse_window_attention, window_partition
+from encoders.layers import Mlp, layer_norm_fp32, position_embedding
 from encoders.sparse import SparseTensor
-from encoders.weights import (
-    RANDOM_INIT_MARKER,
-    WeightsInfo,
-    is_local,
-    is_random_init,
-    mark_random_init,
-    marker_path,
-    state_dict_digest,
-)
+from encoders.trellis_checkpoint import check_state_dict, load_checkpoint, save_checkpoint, trellis_args
+from encoders.weights import WeightsInfo
 from infra.config import FrozenConfig
 from infra.errors import ConfigError
 
@@ -89,17 +78,6 @@ class _WindowAttention(nn.Module):
         return self.to_out(sparse_window_attention(qkv, partition, backend=self.backend).flatten(1))
 
 
-class _Mlp(nn.Module):
-    def __init__(self, channels: int, hidden: int) -> None:
-        super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(channels, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, channels)
-        )
-
-    def forward(self, h: Float[Tensor, "N C"]) -> Float[Tensor, "N C"]:
-        return self.mlp(h)
-
-
 class _TransformerBlock(nn.Module):
     """Pre-LN block: h + attn(norm(h)), then h + mlp(norm(h)); the norms run in fp32 without affine."""
 
@@ -107,12 +85,12 @@ class _TransformerBlock(nn.Module):
         super().__init__()
         channels = config.model_channels
         self.attn = _WindowAttention(channels, config.num_heads, backend=config.attention_backend)
-        self.mlp = _Mlp(channels, int(channels * config.mlp_ratio))
+        self.mlp = Mlp(channels, int(channels * config.mlp_ratio))
 
     def forward(self, h: Float[Tensor, "N C"], partition: WindowPartition) -> Float[Tensor, "N C"]:
         h = h.to(self.attn.to_qkv.weight.dtype)
-        h = h + self.attn(_layer_norm_fp32(h, eps=1e-6), partition)
-        return h + self.mlp(_layer_norm_fp32(h, eps=1e-6))
+        h = h + self.attn(layer_norm_fp32(h, eps=1e-6), partition)
+        return h + self.mlp(layer_norm_fp32(h, eps=1e-6))
 
 
 class SlatEncoder(nn.Module):
@@ -147,7 +125,7 @@ class SlatEncoder(nn.Module):
         if bool((x.coords[:, 1:] >= config.resolution).any()):
             raise ValueError(f"voxel coords must lie in [0, {config.resolution})")
         h = self.input_layer(x.feats.to(self.input_layer.weight.dtype))
-        h = h + _position_embedding(x.coords[:, 1:], config.model_channels)
+        h = h + position_embedding(x.coords[:, 1:], config.model_channels)
         # block b attends in windows shifted by W/2 when b is odd; each partition is computed once
         shifts = (0, config.window_size // 2)
         partitions = [window_partition(x.coords, config.window_size, shift) for shift in shifts]
@@ -187,18 +165,12 @@ def save_slat_encoder(model: SlatEncoder, path: str | os.PathLike[str]) -> None:
     Random weights (`model.random_init_seed` set) also get the random-init marker; a stale marker of
     earlier random weights at `path` is removed.
     """
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"expected a path ending in .safetensors, got {path}")
     torso_dtype = _release_torso_dtype(model.config)
     dtype_of = lambda name: torso_dtype if name.startswith("blocks.") else torch.float32
-    state_dict = {name: t.to("cpu", dtype_of(name)).contiguous() for name, t in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_file(state_dict, path)
-    path.with_suffix(".json").write_text(json.dumps(_trellis_json(model.config), indent=4))
-    marker_path(path).unlink(missing_ok=True)
-    if model.random_init_seed is not None:
-        mark_random_init(path, seed=model.random_init_seed)
+    state_dict = {name: t.to("cpu", dtype_of(name)) for name, t in model.state_dict().items()}
+    save_checkpoint(
+        state_dict, path, trellis_json=_trellis_json(model.config), random_init_seed=model.random_init_seed
+    )
 
 
 def load_slat_encoder(
@@ -231,15 +203,12 @@ def load_slat_encoder(
         >>> model, info = load_slat_encoder(release, device="cuda")  # doctest: +SKIP
     """
     device = torch.device(device)
-    weights_path, config_path = _fetch_checkpoint(reference)
-    config = _read_trellis_json(config_path) if config_path is not None else SlatEncoderConfig()
+    state_dict, trellis_json, info, seed = load_checkpoint(reference)
+    config = _config_from_json(trellis_json, reference) if trellis_json is not None else SlatEncoderConfig()
     model = _uninitialized_slat_encoder(config.replace(attention_backend=attention_backend))
-    state_dict = safetensors.torch.load_file(weights_path)
-    _check_state_dict(state_dict, expected=model.state_dict(), source=weights_path)
+    check_state_dict(state_dict, expected=model.state_dict(), source=reference)
     model.load_state_dict(state_dict, strict=True)
-    info = WeightsInfo(reference, state_dict_digest(state_dict), is_random_init(weights_path))
-    if info.is_random_init:
-        model.random_init_seed = json.loads(marker_path(weights_path).read_text())["seed"]
+    model.random_init_seed = seed
     if device.type == "cpu":
         model.blocks.float()
     logger.info(
@@ -260,44 +229,6 @@ def _release_torso_dtype(config: SlatEncoderConfig) -> torch.dtype:
     return torch.float16 if config.use_fp16 else torch.float32
 
 
-def _layer_norm_fp32(h: Float[Tensor, "N C"], *, eps: float) -> Float[Tensor, "N C"]:
-    return F.layer_norm(h.float(), h.shape[1:], eps=eps).to(h.dtype)
-
-
-def _position_embedding(xyz: Int[Tensor, "N 3"], channels: int) -> Float[Tensor, "N C"]:
-    """Absolute sinusoidal embedding of integer voxel coords: per axis [sin(c w_k), cos(c w_k)],
-    w_k = 10000^(-k / F) for k < F = channels // 6, axes x, y, z in turn, zero-padded to `channels`."""
-    freq_dim = channels // 3 // 2
-    omega = 1.0 / 10000 ** (torch.arange(freq_dim, dtype=torch.float32, device=xyz.device) / freq_dim)
-    angles = xyz.float()[:, :, None] * omega  # (N, 3, F)
-    embedding = torch.cat([angles.sin(), angles.cos()], dim=2).flatten(1)
-    return F.pad(embedding, (0, channels - embedding.shape[1]))
-
-
-def _fetch_checkpoint(reference: str) -> tuple[Path, Path | None]:
-    """The local `.safetensors` of a reference (downloaded for a hub id) and its `.json`, if any."""
-    stem = reference.removesuffix(".safetensors")
-    local = Path(stem + ".safetensors").expanduser()
-    if local.is_file():
-        config_path = local.with_suffix(".json")
-        return local, config_path if config_path.is_file() else None
-    parts = stem.split("/")
-    if is_local(reference) or stem.startswith(("/", ".", "~")) or len(parts) < 3 or "" in parts:
-        raise ConfigError(f"{reference!r}: no file {local}, and not a hub id owner/repo/path/in/repo/name")
-    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
-    weights_path = Path(hf_hub_download(repo_id=repo_id, filename=f"{filename}.safetensors"))
-    config_path = _hub_download_optional(repo_id, f"{filename}.json")
-    _hub_download_optional(repo_id, f"{filename}.{RANDOM_INIT_MARKER}")  # lands beside the weights
-    return weights_path, config_path
-
-
-def _hub_download_optional(repo_id: str, filename: str) -> Path | None:
-    try:
-        return Path(hf_hub_download(repo_id=repo_id, filename=filename))
-    except EntryNotFoundError:
-        return None
-
-
 def _trellis_json(config: SlatEncoderConfig) -> dict[str, Any]:
     """TRELLIS's config JSON, keys in its order; an integral mlp_ratio is written as an int, as released."""
     mlp_ratio = config.mlp_ratio
@@ -316,35 +247,17 @@ def _trellis_json(config: SlatEncoderConfig) -> dict[str, Any]:
     return {"name": TRELLIS_NAME, "args": args}
 
 
-def _read_trellis_json(path: Path) -> SlatEncoderConfig:
-    data = json.loads(path.read_text())
-    if data.get("name") not in (TRELLIS_NAME, f"Elastic{TRELLIS_NAME}"):
-        raise ConfigError(f"{path}: expected a {TRELLIS_NAME} config, got name {data.get('name')!r}")
-    args = dict(data.get("args", {}))
-    for name, value in _TRELLIS_FIXED_ARGS.items():
-        if args.pop(name, value) != value:
-            raise ConfigError(f"{path}: only {name}={value!r} is supported, got {data['args'][name]!r}")
-    for name in _TRELLIS_IGNORED_ARGS:
-        args.pop(name, None)
+def _config_from_json(trellis_json: dict[str, Any], source: str) -> SlatEncoderConfig:
+    args = trellis_args(
+        trellis_json,
+        name=TRELLIS_NAME,
+        fixed_args=_TRELLIS_FIXED_ARGS,
+        ignored_args=_TRELLIS_IGNORED_ARGS,
+        source=source,
+    )
     if "mlp_ratio" in args:
         args["mlp_ratio"] = float(args["mlp_ratio"])
     try:
         return SlatEncoderConfig.from_dict(args)
     except TypeError as err:
-        raise ConfigError(f"{path}: {err}") from err
-
-
-def _check_state_dict(state_dict: dict[str, Tensor], *, expected: dict[str, Tensor], source: Path) -> None:
-    """Raise a ConfigError naming every missing, unexpected and mis-shaped tensor."""
-    missing = sorted(expected.keys() - state_dict.keys())
-    unexpected = sorted(state_dict.keys() - expected.keys())
-    mis_shaped = [
-        f"{name} {tuple(state_dict[name].shape)} (expected {tuple(tensor.shape)})"
-        for name, tensor in expected.items()
-        if name in state_dict and state_dict[name].shape != tensor.shape
-    ]
-    if missing or unexpected or mis_shaped:
-        raise ConfigError(
-            f"{source} does not fit the SLAT encoder config: missing {missing}, unexpected {unexpected}, "
-            f"mis-shaped {mis_shaped}"
-        )
+        raise ConfigError(f"{source}: {err}") from err

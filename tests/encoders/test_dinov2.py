@@ -72,7 +72,7 @@ def test_fused_pass_interpolates_positions_as_transformers_does(tiny_dinov2: str
     pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
     model = Dinov2WithRegistersModel.from_pretrained(tiny_dinov2).eval()
     fused = FusedVit(model, image_size_px=224)
-    expected = _transformers_hidden_states(tiny_dinov2, pixels)[-1][:, 5:]
+    expected = _transformers_hidden_states(tiny_dinov2, pixels)[-1]  # cls, 4 registers, 16 x 16 patches
     assert fused.grid_size == 16
     torch.testing.assert_close(fused(pixels), expected, rtol=1e-5, atol=1e-5)
 
@@ -92,10 +92,10 @@ def test_bfloat16_fused_pass_is_as_accurate_as_transformers(tmp_path: Path) -> N
     save_random_dinov2(path, seed=4)
     pixels = torch.randn(4, 3, 518, 518, generator=torch.Generator().manual_seed(5)).cuda()
     reference = _transformers_hidden_states(path, pixels.cpu())  # float32 on the CPU: the ground truth
-    reference = reference[-1][:, 5:].double()
+    reference = reference[-1].double()
     model = Dinov2WithRegistersModel.from_pretrained(path, dtype=torch.bfloat16).eval().cuda()
     with torch.inference_mode():
-        plain = model(pixels.bfloat16(), output_hidden_states=True).hidden_states[-1][:, 5:]
+        plain = model(pixels.bfloat16(), output_hidden_states=True).hidden_states[-1]
     fused = FusedVit(model, image_size_px=518)(pixels.bfloat16())
 
     def relative_error(tokens: torch.Tensor) -> float:

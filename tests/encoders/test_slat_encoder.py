@@ -7,10 +7,10 @@ import pytest
 import safetensors.torch
 import torch
 
+from encoders.layers import position_embedding
 from encoders.slat_encoder import (
     SlatEncoder,
     SlatEncoderConfig,
-    _position_embedding,
     build_random_slat_encoder,
     load_slat_encoder,
     save_slat_encoder,
@@ -157,7 +157,7 @@ def test_tiny_config_round_trips_through_its_json(tmp_path: Path) -> None:
 
 def test_position_embedding_is_sinusoidal_per_axis_and_zero_padded() -> None:
     xyz = torch.tensor([[0, 1, 63], [5, 0, 2]], dtype=torch.int32)
-    embedding = _position_embedding(xyz, 64)  # freq_dim 10: 60 channels, 4 of padding
+    embedding = position_embedding(xyz, 64)  # freq_dim 10: 60 channels, 4 of padding
     omega = torch.tensor([10000 ** (-k / 10) for k in range(10)])
     for axis in range(3):
         angles = xyz[:, axis, None].float() * omega
