@@ -152,8 +152,8 @@ def _sdpa_buckets(
     starts, lengths = cu_seqlens[:-1].long(), cu_seqlens.diff().long()
     is_long = lengths > _MAX_BUCKET_LEN
     for start, length in zip(starts[is_long].tolist(), lengths[is_long].tolist()):
-        q, k, v = qkv[start : start + length].permute(1, 2, 0, 3)  # 3 x (H, L, D)
-        out[start : start + length] = F.scaled_dot_product_attention(q, k, v).transpose(0, 1)
+        q, k, v = qkv[start : start + length].permute(1, 2, 0, 3)[:, None]  # 3 x (1, H, L, D): fused kernels
+        out[start : start + length] = F.scaled_dot_product_attention(q, k, v)[0].transpose(0, 1)
     bucket_len = torch.clamp(lengths, min=_MIN_BUCKET_LEN)
     bucket_len = 2 ** torch.ceil(torch.log2(bucket_len.double())).long()
     for padded_len in bucket_len[~is_long].unique().tolist():

@@ -22,7 +22,12 @@ from torch import Tensor, nn
 from encoders.attention import AttentionBackend, WindowPartition, sparse_window_attention, window_partition
 from encoders.layers import Mlp, layer_norm_fp32, position_embedding
 from encoders.sparse import SparseTensor
-from encoders.trellis_checkpoint import check_state_dict, load_checkpoint, save_checkpoint, trellis_args
+from encoders.trellis_checkpoint import (
+    check_state_dict,
+    config_from_trellis_json,
+    load_checkpoint,
+    save_checkpoint,
+)
 from encoders.weights import WeightsInfo
 from infra.config import FrozenConfig
 from infra.errors import ConfigError
@@ -248,16 +253,11 @@ def _trellis_json(config: SlatEncoderConfig) -> dict[str, Any]:
 
 
 def _config_from_json(trellis_json: dict[str, Any], source: str) -> SlatEncoderConfig:
-    args = trellis_args(
+    return config_from_trellis_json(
         trellis_json,
+        SlatEncoderConfig,
         name=TRELLIS_NAME,
         fixed_args=_TRELLIS_FIXED_ARGS,
         ignored_args=_TRELLIS_IGNORED_ARGS,
         source=source,
     )
-    if "mlp_ratio" in args:
-        args["mlp_ratio"] = float(args["mlp_ratio"])
-    try:
-        return SlatEncoderConfig.from_dict(args)
-    except TypeError as err:
-        raise ConfigError(f"{source}: {err}") from err

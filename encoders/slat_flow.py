@@ -21,12 +21,18 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from encoders.attention import AttentionBackend, WindowPartition, sparse_window_attention, window_partition
 from encoders.layers import Mlp, layer_norm_fp32, position_embedding, timestep_embedding
 from encoders.sparse import SparseTensor
 from encoders.sparse_conv import ConvBackend, Pooling, SubmanifoldConv3d, VoxelGrid
-from encoders.trellis_checkpoint import check_state_dict, load_checkpoint, save_checkpoint, trellis_args
+from encoders.trellis_checkpoint import (
+    check_state_dict,
+    config_from_trellis_json,
+    load_checkpoint,
+    save_checkpoint,
+)
 from encoders.weights import WeightsInfo
 from infra.config import FrozenConfig
 from infra.errors import ConfigError
@@ -175,10 +181,10 @@ class _CrossAttention(nn.Module):
         """`rows` is the number of tokens of each object (h's rows are grouped by object)."""
         q = self.to_q(h).unflatten(1, (self.num_heads, -1))  # (N, H, D)
         k, v = self.to_kv(context.to(h.dtype)).unflatten(2, (2, self.num_heads, -1)).unbind(2)  # (B, L, H, D)
-        attended = [
-            F.scaled_dot_product_attention(q_b.transpose(0, 1), k_b.transpose(0, 1), v_b.transpose(0, 1))
+        attended = [  # unpadded per object, as (1, H, L, D): SDPA picks its fused kernels
+            F.scaled_dot_product_attention(*(a.transpose(0, 1)[None] for a in (q_b, k_b, v_b)))[0]
             for q_b, k_b, v_b in zip(q.split(rows), k, v)
-        ]  # unpadded per object: SDPA picks its fused kernels
+        ]
         return self.to_out(torch.cat(attended, dim=1).transpose(0, 1).flatten(1))
 
 
@@ -235,6 +241,8 @@ class SlatFlowModel(nn.Module):
         super().__init__()
         self.config = config
         self.random_init_seed: int | None = None  # set for random weights: saving them marks the file
+        self.gradient_checkpointing = False
+        """Recompute each torso block in the backward pass (training memory for compute)."""
         channels, emb = config.model_channels, config.model_channels
         io = list(config.io_block_channels)
         self.t_embedder = _TimestepEmbedder(channels)
@@ -315,7 +323,10 @@ class SlatFlowModel(nn.Module):
         rows = torch.bincount(batch, minlength=x.batch_size).tolist()
         context = cond.to(dtype)
         for block in self.blocks:
-            h = block(h, emb, context, batch, partition, rows)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(block, h, emb, context, batch, partition, rows, use_reentrant=False)
+            else:
+                h = block(h, emb, context, batch, partition, rows)
 
         for block, skip in zip(self.out_blocks, reversed(skips)):
             level -= block.resample == "up"
@@ -330,8 +341,9 @@ def build_random_slat_flow(config: SlatFlowConfig, *, seed: int) -> SlatFlowMode
     """A flow model with seeded random weights, standing in for pretrained ones in tests and the demo.
 
     Linear layers are Xavier-uniform with zero biases and convolutions Kaiming-uniform, as TRELLIS
-    initialises them, except its zero inits (adaLN modulation, each res-block's second convolution, the
-    output layer): those would make the stand-in a constant function, so they are drawn from N(0, 0.02^2).
+    initialises them, except its zero inits, which would make the stand-in a constant function: the adaLN
+    modulations and each res-block's second convolution are drawn from N(0, 0.02^2), and the output layer is
+    Xavier-uniform like the others, so velocities come out at the unit scale of a trained model's.
     """
     model = _uninitialized_slat_flow(config)
     generator = torch.Generator().manual_seed(seed)
@@ -344,9 +356,7 @@ def build_random_slat_flow(config: SlatFlowConfig, *, seed: int) -> SlatFlowMode
             elif isinstance(module, (nn.Linear, SubmanifoldConv3d)):
                 params = module.conv if isinstance(module, SubmanifoldConv3d) else module
                 draw = torch.empty(params.weight.shape)  # drawn in fp32, so fp16 and fp32 models agree
-                if name.endswith(("adaLN_modulation.1", "conv2")) or name.startswith(
-                    ("out_layer", "t_embedder")
-                ):
+                if name.endswith(("adaLN_modulation.1", "conv2")) or name.startswith("t_embedder"):
                     nn.init.normal_(draw, std=0.02, generator=generator)
                 elif isinstance(module, SubmanifoldConv3d):  # (C_out, 3, 3, 3, C_in): fan_in = 27 C_in
                     bound = 1 / math.sqrt(draw[0].numel())
@@ -449,13 +459,11 @@ def _trellis_json(config: SlatFlowConfig) -> dict[str, Any]:
 
 
 def _config_from_json(trellis_json: dict[str, Any], source: str) -> SlatFlowConfig:
-    args = trellis_args(
-        trellis_json, name=TRELLIS_NAME, fixed_args=_TRELLIS_FIXED_ARGS, ignored_args=_TRELLIS_IGNORED_ARGS,
+    return config_from_trellis_json(
+        trellis_json,
+        SlatFlowConfig,
+        name=TRELLIS_NAME,
+        fixed_args=_TRELLIS_FIXED_ARGS,
+        ignored_args=_TRELLIS_IGNORED_ARGS,
         source=source,
-    )  # fmt: skip
-    if "mlp_ratio" in args:
-        args["mlp_ratio"] = float(args["mlp_ratio"])
-    try:
-        return SlatFlowConfig.from_dict(args)
-    except TypeError as err:
-        raise ConfigError(f"{source}: {err}") from err
+    )

@@ -8,7 +8,7 @@ check tensors and mark random weights the same way.
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import safetensors.torch
 from huggingface_hub import hf_hub_download
@@ -24,7 +24,10 @@ from encoders.weights import (
     marker_path,
     state_dict_digest,
 )
+from infra.config import FrozenConfig
 from infra.errors import ConfigError
+
+ConfigT = TypeVar("ConfigT", bound=FrozenConfig)
 
 
 def save_checkpoint(
@@ -65,17 +68,19 @@ def load_checkpoint(
     return state_dict, trellis_json, info, seed
 
 
-def trellis_args(
+def config_from_trellis_json(
     trellis_json: dict[str, Any],
+    config_class: type[ConfigT],
     *,
     name: str,
     fixed_args: dict[str, Any],
     ignored_args: tuple[str, ...],
     source: str,
-) -> dict[str, Any]:
-    """The constructor args of a TRELLIS JSON, less those with one supported value (checked) and those ignored.
+) -> ConfigT:
+    """The config of a TRELLIS JSON: its args, less those with one supported value (checked) and those ignored.
 
-    `name` or its training variant `Elastic<name>` (same weights) is accepted.
+    `name` or its training variant `Elastic<name>` (same weights) is accepted; `mlp_ratio`, written as an int
+    when integral, is read as a float.
     """
     if trellis_json.get("name") not in (name, f"Elastic{name}"):
         raise ConfigError(f"{source}: expected a {name} config, got name {trellis_json.get('name')!r}")
@@ -87,7 +92,12 @@ def trellis_args(
             )
     for arg in ignored_args:
         args.pop(arg, None)
-    return args
+    if "mlp_ratio" in args:
+        args["mlp_ratio"] = float(args["mlp_ratio"])
+    try:
+        return config_class.from_dict(args)
+    except TypeError as err:
+        raise ConfigError(f"{source}: {err}") from err
 
 
 def check_state_dict(state_dict: dict[str, Tensor], *, expected: dict[str, Tensor], source: str) -> None:
