@@ -34,7 +34,14 @@ from pipelines.build_config import BuildConfig
 from pipelines.executors import EncoderActor, RenderActor
 from pipelines.ingest import ingest
 from pipelines.local_render import asset_dir_name
-from pipelines.steps import ENCODE_STEPS, LH_RENDER_STEPS, RENDER_STEPS, build_graph, model_weights
+from pipelines.steps import (
+    ENCODE_STEPS,
+    LH_RENDER_STEPS,
+    RENDER_STEPS,
+    SHADED_INPUTS,
+    build_graph,
+    model_weights,
+)
 from render_jobs.protocol import RenderRequest, RenderResult
 from render_jobs.supervisor import RenderWorkerConfig
 
@@ -47,6 +54,7 @@ _CALL_STEPS = {
     "encode": ENCODE_STEPS,
     "latents": ("slat_lh", "slat_bc"),
     "voxelize": ("voxelize",),
+    "shade": ("slat_shaded",),
 }
 """Kind of actor call -> the steps whose results it was to produce (the todo ones among them fail with it)."""
 
@@ -55,6 +63,7 @@ RELEASE_ROLES = {
     "features": "features",
     "slat_lh": "slat_lh",
     "slat_bc": "slat_bc",
+    "slat_shaded": "slat_shaded",
     "input": "render_input",
     "relight": "render_relight",
 }
@@ -104,7 +113,7 @@ class BuildRecord:
         if step == "voxelize" or step.startswith("slat_"):
             self.voxels[asset] = len(result.arrays["coords"])
         if step.startswith("slat_"):
-            latent = result.arrays["latent"].astype(np.float64)
+            latent = result.arrays["latent"].astype(np.float64).reshape(-1, result.arrays["latent"].shape[-1])
             count, sums, squares = self.latent_moments.get(
                 step, [[0.0], [0.0] * latent.shape[1], [0.0] * latent.shape[1]]
             )
@@ -234,7 +243,7 @@ class _Executor:
             for i in range(slots)
         ]
         self.idle = list(self.render_actors)
-        self.encoders: dict[str, list[Any]] = {}  # node id -> its encoder actors
+        self.encoders: dict[str, list[Any]] = {}  # node id (or "any") -> its encoder actors
         self.pending: dict[ray.ObjectRef, tuple[str, str]] = {}  # call -> (asset, kind)
         self.queue: collections.deque[tuple[str, str]] = (
             collections.deque()
@@ -245,6 +254,8 @@ class _Executor:
         """step -> (asset, result, stderr tail) executed but not yet committed."""
         self.last_commit = time.monotonic()
         self.ok_before: dict[str, dict[str, Any]] | None = None  # artifact key -> pack_path, arrays
+        self.shade_waiting: dict[str, dict[str, Any]] = {}
+        """asset -> the inputs of its slat_shaded step that have arrived (input views' arrays, coords)."""
 
     def run(self) -> None:
         assets = collections.deque(sorted(self.todo))
@@ -271,6 +282,14 @@ class _Executor:
 
     def _start(self, asset: str) -> None:
         steps = self.todo[asset]
+        if "slat_shaded" in steps:
+            self.shade_waiting[asset] = {}
+            for step in SHADED_INPUTS:
+                if step not in steps:
+                    try:
+                        self._shade_input(asset, step, self._stored(asset, step))
+                    except LookupError as err:
+                        self._shade_input_failed(asset, f"{step} unavailable: {err}")
         for step in ("render_input", "render_relight"):
             if step in steps:
                 self._queue_render(asset, step)
@@ -333,18 +352,23 @@ class _Executor:
         self.active[asset] += 1
 
     def _encoder(self, node_id: str | None) -> Any:
-        """An encoder actor of `node_id` (where an lh render set lies): up to `encoders_per_node` of them, created
-        on first use and taken in turn."""
-        node_id = node_id or ray.get_runtime_context().get_node_id()
-        actors = self.encoders.setdefault(node_id, [])
+        """An encoder actor on `node_id` (where an lh render set lies), up to `encoders_per_node` of them, created
+        on first use and taken in turn. Calls that read no scratch (node_id None) share the first pool there is,
+        else get their own, placed by the scheduler (so a head node without GPUs is no obstacle)."""
+        pool = node_id or next(iter(self.encoders), "any")
+        actors = self.encoders.setdefault(pool, [])
         if len(actors) < self.config.execution.encoders_per_node:
+            placement = {}
+            if pool != "any":
+                placement["scheduling_strategy"] = NodeAffinitySchedulingStrategy(pool, soft=False)
             actor = ray.remote(EncoderActor).options(
                 num_gpus=self.config.execution.encoder_gpus,
                 num_cpus=1,
-                name=f"encoder-{self.record.run_id}-{node_id[:8]}-{len(actors)}",
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+                name=f"encoder-{self.record.run_id}-{pool[:8]}-{len(actors)}",
+                **placement,
             )
-            actors.append(actor.remote(self.config.dinov2, self.config.slat_encoder))
+            config = self.config
+            actors.append(actor.remote(config.dinov2, config.slat_encoder, config.slat_flow, config.shaded))
             return actors[-1]
         actors.append(actors.pop(0))  # round robin
         return actors[-1]
@@ -394,12 +418,34 @@ class _Executor:
             del self.active[asset]
 
     def _commit(self, asset: str, results: list[StepResult], render: RenderResult | None = None) -> None:
-        """Buffer executed results; `_flush` commits them in batches."""
+        """Buffer executed results; `_flush` commits them in batches. Inputs of a waiting slat_shaded step are
+        handed to it (or fail it)."""
         step_of = {key: step for step, key in self.todo[asset].items()}
         for result in results:
-            self.buffer[step_of[result.artifact_key]].append(
-                (asset, result, render.stderr_tail if render else "")
-            )
+            step = step_of[result.artifact_key]
+            self.buffer[step].append((asset, result, render.stderr_tail if render else ""))
+            if step in SHADED_INPUTS and result.ok:
+                self._shade_input(asset, step, result.arrays)
+            elif step in SHADED_INPUTS:
+                self._shade_input_failed(asset, f"{step} failed: {result.error}")
+
+    def _shade_input(self, asset: str, step: str, arrays: dict[str, np.ndarray]) -> None:
+        """Keep one input of the asset's slat_shaded step; with both, call an encoder actor."""
+        waiting = self.shade_waiting.get(asset)
+        if waiting is None:
+            return
+        waiting[step] = arrays
+        if all(s in waiting for s in SHADED_INPUTS):
+            del self.shade_waiting[asset]
+            views = {k: waiting["render_input"][k] for k in ("beauty", "frame_view", "frame_lighting")}
+            key = self.todo[asset]["slat_shaded"]
+            call = self._encoder(None).shade.options(name=f"slat_shaded:{asset}")
+            self._call(asset, "shade", call.remote(views, waiting["voxelize"]["coords"], key))
+
+    def _shade_input_failed(self, asset: str, reason: str) -> None:
+        """Fail the asset's slat_shaded step once, with the first failed input's reason."""
+        if self.shade_waiting.pop(asset, None) is not None:
+            self._commit(asset, [StepResult(self.todo[asset]["slat_shaded"], error=reason)])
 
     def _flush(self, *, force: bool) -> None:
         """Commit the buffer (per step: one pack, then one registry commit) once it holds `commit_every` results

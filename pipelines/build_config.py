@@ -4,7 +4,8 @@
     source: {kind: local, path: /assets, pattern: "**/*"}     # or {kind: demo, seed: 0}
     recipes:                               # overrides of the paper's defaults per recipe
       lh: {num_views: 150, resolution_px: 512, samples: 16}
-    models: {dinov2: facebook/dinov2-with-registers-large, slat_encoder: microsoft/TRELLIS-image-large/...}
+    models: {dinov2: facebook/dinov2-with-registers-large, slat_encoder: ..., slat_flow: ...}
+    shaded: {views: 1, sampler: {steps: 25, cfg_strength: 3.0}}   # the shaded SLAT Z_s of Stage 1
     release: {name: lh-slat-v1, min_voxels: 1, max_voxels: 65536}
 
 Every relative path is relative to the YAML file's folder.
@@ -19,6 +20,7 @@ import yaml
 from catalogs.objaverse import OBJAVERSE_SOURCES, ObjaverseSelection
 from encoders.asset_encoder import DEFAULT_SLAT_ENCODER
 from encoders.dinov2 import DEFAULT_DINOV2
+from encoders.shaded_slat import DEFAULT_SLAT_FLOW, ShadedSlatConfig
 from infra.config import FrozenConfig
 from infra.errors import ConfigError
 from render_jobs.protocol import GPU_BACKENDS
@@ -106,6 +108,8 @@ class BuildConfig:
     )
     dinov2: str = DEFAULT_DINOV2
     slat_encoder: str = DEFAULT_SLAT_ENCODER
+    slat_flow: str = DEFAULT_SLAT_FLOW
+    shaded: ShadedSlatConfig = dataclasses.field(default_factory=ShadedSlatConfig)
     release: ReleaseConfig = ReleaseConfig()
     execution: ExecutionConfig = ExecutionConfig()
     catalog_uri: str | None = None
@@ -140,12 +144,19 @@ class BuildConfig:
                 raise ConfigError(f"unknown recipes {bad}; recipes are {RECIPE_NAMES}")
             recipes = {name: recipe_config(name, **(overrides.get(name) or {})) for name in RECIPE_NAMES}
             models = data.get("models") or {}
+            unknown_models = sorted(set(models) - {"dinov2", "slat_encoder", "slat_flow"})
+            if unknown_models:
+                raise ConfigError(
+                    f"unknown models {unknown_models}; models are dinov2, slat_encoder, slat_flow"
+                )
             return cls(
                 data_root=_resolve(base, data["data_root"]),
                 source=source,
                 recipes=recipes,
                 dinov2=_model_reference(base, models.get("dinov2", DEFAULT_DINOV2)),
                 slat_encoder=_model_reference(base, models.get("slat_encoder", DEFAULT_SLAT_ENCODER)),
+                slat_flow=_model_reference(base, models.get("slat_flow", DEFAULT_SLAT_FLOW)),
+                shaded=ShadedSlatConfig.from_dict(data.get("shaded") or {}),
                 release=ReleaseConfig.from_dict(data.get("release") or {}),
                 execution=ExecutionConfig.from_dict(data.get("execution") or {}),
                 catalog_uri=data.get("catalog_uri"),

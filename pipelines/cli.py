@@ -31,6 +31,7 @@ class _LazyGroup(click.Group):
         "encode": "pipelines.encode_cli:encode",
         "build": "pipelines.build_cli:build",
         "plan": "pipelines.build_cli:plan",
+        "train": "training.train_cli:train",
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -158,14 +159,17 @@ def demo(out: Path, seed: int, resolution: int, samples: int) -> None:
     from pipelines.build_config import BuildConfig
 
     out.mkdir(parents=True, exist_ok=True)
-    config_path = DemoConfig(resolution_px=resolution, samples=samples, seed=seed).write_build_config(out)
+    demo_config = DemoConfig(resolution_px=resolution, samples=samples, seed=seed)
+    config_path = demo_config.write_build_config(out)
     console.print(f"demo build config: {config_path} (models with random weights: the latents mean nothing)")
+    stage1_path = demo_config.write_stage1_config(out)
     try:
         record = run_with_progress(BuildConfig.from_yaml(config_path))
     except ConfigError as err:
         raise click.ClickException(str(err)) from err
     if record.failures:
         sys.exit(1)
+    console.print(f"train Stage 1 on it: near train stage1 --release demo-seed{seed} --config {stage1_path}")
 
 
 def main() -> None:

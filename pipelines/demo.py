@@ -29,6 +29,8 @@ class DemoConfig:
     input_views: int = 4
     relight_views: int = 4
     relight_lightings: int = 2
+    shaded_views: int = 2
+    shaded_steps: int = 8
     seed: int = 0
 
     def write_build_config(self, out: Path) -> Path:
@@ -48,6 +50,7 @@ class DemoConfig:
                 },
             },
             "models": {name: str(path.relative_to(out)) for name, path in models.items()},
+            "shaded": {"views": self.shaded_views, "sampler": {"steps": self.shaded_steps}},
             "release": {"name": f"demo-seed{self.seed}"},
             "execution": {"allow_software_gl": True},
         }
@@ -55,13 +58,37 @@ class DemoConfig:
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         return path
 
+    def write_stage1_config(self, out: Path) -> Path:
+        """`<out>/stage1.yaml`: Stage 1 at a CPU size on the demo release, for `near train stage1`. The demo
+        release is too small for a validation split, so it validates on its training assets (an overfit check)."""
+        config = {
+            "data_root": "data",
+            "out_dir": "runs/stage1",
+            "base_model": "models/slat-flow-demo.safetensors",
+            "dinov2": "models/dinov2-demo",
+            "lora": {"rank": 16, "alpha": 16.0},
+            "steps": 200,
+            "batch_size": 2,
+            "lr": 1e-3,
+            "val_split": "train",
+            "val_every": 100,
+            "checkpoint_every": 100,
+            "sampler": {"steps": 12, "cfg_strength": 0.0},
+        }
+        path = out / "stage1.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return path
+
 
 def write_demo_models(folder: Path, *, seed: int) -> dict[str, Path]:
-    """A small DINOv2 and a matching SLAT encoder with seeded random weights (marked random), written once."""
+    """A small DINOv2 and a matching SLAT encoder and flow model with seeded random weights (marked random),
+    written once."""
     from encoders.dinov2 import save_random_dinov2
     from encoders.slat_encoder import SlatEncoderConfig, build_random_slat_encoder, save_slat_encoder
+    from encoders.slat_flow import SlatFlowConfig, build_random_slat_flow, save_slat_flow
 
     dinov2, slat = folder / "dinov2-demo", folder / "slat-encoder-demo.safetensors"
+    flow = folder / "slat-flow-demo.safetensors"
     if not dinov2.exists():
         save_random_dinov2(dinov2, seed=seed, **DEMO_DINOV2)
     if not slat.exists():
@@ -69,7 +96,13 @@ def write_demo_models(folder: Path, *, seed: int) -> dict[str, Path]:
             in_channels=DEMO_DINOV2["hidden_size"], model_channels=64, num_blocks=2, num_heads=2
         )
         save_slat_encoder(build_random_slat_encoder(config, seed=seed), slat)
-    return {"dinov2": dinov2, "slat_encoder": slat}
+    if not flow.exists():
+        flow_config = SlatFlowConfig(
+            model_channels=64, cond_channels=DEMO_DINOV2["hidden_size"], num_blocks=2, num_heads=2,
+            io_block_channels=(16,), use_fp16=False,
+        )  # fmt: skip
+        save_slat_flow(build_random_slat_flow(flow_config, seed=seed), flow)
+    return {"dinov2": dinov2, "slat_encoder": slat, "slat_flow": flow}
 
 
 def generate_demo_assets(out_dir: Path, *, seed: int = 0, render_python: str | None = None) -> list[Path]:

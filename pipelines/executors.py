@@ -3,7 +3,8 @@
 A render actor holds one `RenderSupervisor`, so its child (and its compiled shaders) lives across assets; it
 asks for one `render_slot`, a resource every node declares by how many renders it can run. Renders land on
 node-local scratch: `render_lh` sets are consumed by an encoder actor pinned to the same node and then deleted;
-`render_input` and `render_relight` sets are turned into arrays by the render actor itself.
+`render_input` and `render_relight` sets are turned into arrays by the render actor itself, and an encoder
+actor samples the shaded SLATs from the input views' arrays.
 """
 
 import shutil
@@ -17,6 +18,8 @@ import torch
 from catalogs.commit import StepResult
 from encoders.asset_encoder import AssetEncoder, AssetEncoderConfig
 from encoders.dinov2 import Dinov2Config
+from encoders.shaded_slat import ShadedSlatConfig, input_view_frames, shaded_slat
+from encoders.slat_flow import SlatFlowModel, load_slat_flow
 from encoders.voxelize import voxelize_mesh
 from infra.errors import AssetRejected
 from render_jobs.protocol import RenderRequest, RenderResult
@@ -118,13 +121,17 @@ class RenderActor:
 
 
 class EncoderActor:
-    """Holds DINOv2 and the SLAT encoder; encodes `lh` render sets on its node, or latents from stored features."""
+    """Holds DINOv2 and the SLAT encoder (and, from its first shaded SLAT on, the flow model); encodes `lh`
+    render sets on its node, latents from stored features, and shaded SLATs from input views."""
 
-    def __init__(self, dinov2: str, slat_encoder: str) -> None:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    def __init__(self, dinov2: str, slat_encoder: str, slat_flow: str, shaded: ShadedSlatConfig) -> None:
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.encoder = AssetEncoder(
-            AssetEncoderConfig(dinov2=Dinov2Config(model=dinov2), slat_encoder=slat_encoder), device=device
+            AssetEncoderConfig(dinov2=Dinov2Config(model=dinov2), slat_encoder=slat_encoder),
+            device=self.device,
         )
+        self.slat_flow, self.shaded = slat_flow, shaded
+        self._flow: SlatFlowModel | None = None
 
     def weights(self) -> dict[str, str]:
         return {name: info.digest for name, info in self.encoder.weights.items()}
@@ -187,6 +194,40 @@ class EncoderActor:
             )
             for step, key in keys.items()
         ]
+
+    def shade(self, views: dict[str, np.ndarray], coords: np.ndarray, key: str) -> StepResult:
+        """slat_shaded of one asset: latent (N, V, 8) float32, Z_s of its first V input views (lighting 0 of
+        each view) on its voxels, rows following coords (N, 3)."""
+        clock = time.perf_counter()
+        frames = input_view_frames(views["frame_view"], views["frame_lighting"], self.shaded.views)
+        if len(frames) < self.shaded.views:
+            return StepResult(
+                key, error=f"too_few_views: the input set has {len(frames)}, need {self.shaded.views}"
+            )
+        if self._flow is None:
+            self._flow, self._flow_weights = load_slat_flow(self.slat_flow, device=self.device)
+        rgba = torch.from_numpy(views["beauty"][frames].astype(np.float32)).permute(0, 3, 1, 2)
+        seed = int(key[:15], 16)  # the artifact key: the same inputs and spec give the same noise
+        latent = shaded_slat(
+            self._flow,
+            self.encoder.dinov2,
+            rgba,
+            torch.from_numpy(coords.astype(np.int64)),
+            self.shaded,
+            seed=seed,
+        )
+        stats = {
+            "num_voxels": len(coords),
+            "views": len(frames),
+            "random_weights": self._flow_weights.is_random_init or self.encoder.dinov2.weights.is_random_init,
+            "node": ray.get_runtime_context().get_node_id(),
+        }
+        return StepResult(
+            key,
+            {"coords": coords, "latent": latent.transpose(0, 1).numpy()},
+            stats=stats,
+            duration_s=time.perf_counter() - clock,
+        )
 
     def voxelize(self, vertices: np.ndarray, faces: np.ndarray, key: str) -> StepResult:
         clock = time.perf_counter()

@@ -2,7 +2,8 @@
 
     source -> normalize -> voxelize --v
     source -> render_lh -----------> features -> slat_lh, slat_bc
-    source -> render_input, render_relight
+    source -> render_input -----------> slat_shaded (with voxelize)
+    source -> render_relight
 
 Only Blender imports assets, so the `lh` render call also yields `normalize` (the mesh scaled so its largest
 side is 1 and centred, DESIGN section 4, with its scale and offset); `render_lh` commits its cameras, and its
@@ -17,20 +18,23 @@ from catalogs.keys import SOURCE, StepGraph, StepSpec
 from encoders.backproject import BackprojectConfig
 from encoders.dinov2 import load_dinov2
 from encoders.slat_encoder import load_slat_encoder
+from encoders.trellis_checkpoint import load_checkpoint
 from encoders.weights import WeightsInfo
 from pipelines.build_config import BuildConfig
 
 VOXEL_RESOLUTION = 64
 RENDER_STEPS = {"render_lh": "lh", "render_input": "input", "render_relight": "relight"}
 ENCODE_STEPS = ("voxelize", "features", "slat_lh", "slat_bc")
+SHADED_INPUTS = ("render_input", "voxelize")
 LH_RENDER_STEPS = ("render_lh", "normalize")
 """What one `lh` render call commits."""
 
 
 def model_weights(config: BuildConfig) -> dict[str, WeightsInfo]:
-    """Digests of the configured models, loaded on the CPU through the same code the encoder actors run."""
+    """Digests of the configured models, read through the same code the encoder actors load them with."""
     _, slat = load_slat_encoder(config.slat_encoder, device=torch.device("cpu"))
-    return {"dinov2": load_dinov2(config.dinov2)[1], "slat_encoder": slat}
+    flow = load_checkpoint(config.slat_flow)[2]  # the tensors suffice: no 600M-parameter model is built
+    return {"dinov2": load_dinov2(config.dinov2)[1], "slat_encoder": slat, "slat_flow": flow}
 
 
 def build_graph(config: BuildConfig, weights: dict[str, WeightsInfo]) -> StepGraph:
@@ -76,6 +80,14 @@ def build_graph(config: BuildConfig, weights: dict[str, WeightsInfo]) -> StepGra
                 for role in ("lh", "bc")
             ),
             render("render_input"),
+            StepSpec(
+                "slat_shaded",
+                "1",
+                SHADED_INPUTS,
+                config.shaded.to_dict(),
+                {"dinov2": weights["dinov2"].digest, "slat_flow": weights["slat_flow"].digest},
+                implementation=("encoders.shaded_slat", "encoders.slat_flow", "encoders.flow_sampler"),
+            ),
             render("render_relight"),
         ]
     )

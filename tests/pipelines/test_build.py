@@ -32,8 +32,10 @@ ALL_STEPS = (
     "slat_lh",
     "slat_bc",
     "render_input",
+    "slat_shaded",
     "render_relight",
 )
+SHADED = {"views": 2, "sampler": {"steps": 2}}
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +58,17 @@ def workspace(tmp_path_factory, demo_assets: dict[str, Path], render_python) -> 
         "assets": assets,
         "dinov2": str(models["dinov2"]),
         "slat_encoder": str(models["slat_encoder"]),
+        "slat_flow": str(models["slat_flow"]),
     }
 
 
 def _config(
-    workspace: dict, *, release: str | None = None, slat_encoder: str | None = None, lh_samples: int = 1
+    workspace: dict,
+    *,
+    release: str | None = None,
+    slat_encoder: str | None = None,
+    slat_flow: str | None = None,
+    lh_samples: int = 1,
 ) -> BuildConfig:
     recipes = {**TINY_RECIPES, "lh": {**TINY_RECIPES["lh"], "samples": lh_samples}}
     return BuildConfig.from_dict(
@@ -71,7 +79,9 @@ def _config(
             "models": {
                 "dinov2": workspace["dinov2"],
                 "slat_encoder": slat_encoder or workspace["slat_encoder"],
+                "slat_flow": slat_flow or workspace["slat_flow"],
             },
+            "shaded": SHADED,
             "release": {"name": release},
             "execution": {"allow_software_gl": True, "max_in_flight": 3},
         }
@@ -99,7 +109,20 @@ def test_first_build_computes_every_step_and_releases_every_role(first_build: Bu
     assert release.read("textured_cube.glb", "features")["feats_bc"].shape == (len(voxels), 64)
     relight = release.read("textured_cube.glb", "relight")
     assert relight["beauty"].shape == (4, 48, 48, 4) and relight["shadow"].shape == (4, 48, 48)
-    assert set(RELEASE_ROLES) == {"voxels", "features", "slat_lh", "slat_bc", "input", "relight"}
+    shaded = release.read("textured_cube.glb", "slat_shaded", verify=True)
+    assert shaded["latent"].shape == (len(voxels), 2, 8) and np.array_equal(shaded["coords"], voxels)
+    assert np.isfinite(shaded["latent"]).all() and not np.allclose(
+        shaded["latent"][:, 0], shaded["latent"][:, 1]
+    )
+    assert set(RELEASE_ROLES) == {
+        "voxels",
+        "features",
+        "slat_lh",
+        "slat_bc",
+        "slat_shaded",
+        "input",
+        "relight",
+    }
     assert not any((workspace["root"] / "data" / "scratch").rglob("*.exr"))  # transient renders deleted
 
 
@@ -125,13 +148,19 @@ def test_incremental_rebuilds_run_exactly_what_changed(
     new_weights = run_build(_config(workspace, lh_samples=2, slat_encoder=other))
     assert _computed(new_weights) == {"slat_lh": 3, "slat_bc": 3}, "stored features, no render"
 
+    other_flow = str(write_demo_models(workspace["root"] / "models-b", seed=1)["slat_flow"])
+    new_flow = run_build(_config(workspace, lh_samples=2, slat_encoder=other, slat_flow=other_flow))
+    assert _computed(new_flow) == {"slat_shaded": 3}, "stored input views and voxels, no render"
+
     (workspace["assets"] / "broken.glb").write_bytes(b"glTF but not really")
-    failed = run_build(_config(workspace, lh_samples=2, slat_encoder=other))
+    failed = run_build(_config(workspace, lh_samples=2, slat_encoder=other, slat_flow=other_flow))
     assert _computed(failed) == {step: 1 for step in ALL_STEPS}
     assert {f["asset_id"] for f in failed.failures} == {"broken.glb"}
     assert any(f["error"].startswith("import_error") for f in failed.failures)
-    assert _computed(run_build(_config(workspace, lh_samples=2, slat_encoder=other))) == {}, (
-        "failures stay failed"
+    assert (
+        _computed(run_build(_config(workspace, lh_samples=2, slat_encoder=other, slat_flow=other_flow))) == {}
+    ), "failures stay failed"
+    retried = run_build(
+        _config(workspace, lh_samples=2, slat_encoder=other, slat_flow=other_flow), retry_failed=True
     )
-    retried = run_build(_config(workspace, lh_samples=2, slat_encoder=other), retry_failed=True)
     assert _computed(retried) == {step: 1 for step in ALL_STEPS} and len(retried.failures) == len(ALL_STEPS)

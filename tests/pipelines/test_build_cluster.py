@@ -48,6 +48,7 @@ def _config(root: Path, assets: Path) -> BuildConfig:
                 "relight": {**TINY, "num_views": 1, "lightings_per_view": 1},
             },
             "models": {name: str(path) for name, path in models.items()},
+            "shaded": {"sampler": {"steps": 2}},  # Z_s on CPU: few flow steps
             "release": {"name": "v1"},
             "execution": {"allow_software_gl": True, "max_in_flight": 4, "encoders_per_node": 2},
         }

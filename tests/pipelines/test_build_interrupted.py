@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.blender, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = ("textured_cube", "diffuse_sphere", "metal_torus")
-STEPS = 8
+STEPS = 9  # render_lh, normalize, voxelize, features, slat_lh, slat_bc, render_input, slat_shaded, render_relight
 
 
 def test_a_killed_driver_loses_nothing_committed(tmp_path, demo_assets, render_python) -> None:
@@ -47,6 +47,7 @@ def test_a_killed_driver_loses_nothing_committed(tmp_path, demo_assets, render_p
                     "relight": {**tiny, "num_views": 1, "lightings_per_view": 1},
                 },
                 "models": {name: str(path) for name, path in models.items()},
+                "shaded": {"sampler": {"steps": 2}},  # Z_s on CPU: few flow steps
                 "release": {"name": "v1"},
                 "execution": {"allow_software_gl": True, "commit_every": 1},
             }

@@ -1,6 +1,7 @@
 """`ray job submit ... pipelines/build_lh_slat.py` against a real head node (`ray start --head`), over every real
 and adversarial asset in ../shared/assets: the release holds every expected-ok asset, every expected failure
-is recorded with its reason, and no asset's embedded script ever ran."""
+is recorded with its reason, and no asset's embedded script ever ran. Then Stage 1 trains on that release as a
+second submitted job (`near train stage1` through Ray Train)."""
 
 import json
 import os
@@ -78,37 +79,30 @@ def submitted(head_node, tmp_path_factory, render_python) -> tuple[Path, dict]:
                     "relight": {**tiny, "num_views": 1, "lightings_per_view": 1},
                 },
                 "models": {name: str(path) for name, path in models.items()},
+                "shaded": {"sampler": {"steps": 2}},  # Z_s on CPU: few flow steps
                 "release": {"name": "shared-v1"},
                 "execution": {"allow_software_gl": True, "render_timeout_s": 300},
             }
         )
     )
+    job = _submit(head_node, "python", "pipelines/build_lh_slat.py", "--config", str(root / "build.yaml"))
+    assert job.returncode == 0 and "succeeded" in job.stdout + job.stderr, (
+        job.stdout[-4000:] + job.stderr[-2000:]
+    )
+    report = json.loads(next((root / "data" / "reports").glob("*/report.json")).read_text())
+    return root / "data", report
+
+
+def _submit(head_node: tuple[str, dict], *command: str) -> subprocess.CompletedProcess:
     address, env = head_node
-    job = subprocess.run(
-        [
-            str(RAY),
-            "job",
-            "submit",
-            f"--address={address}",
-            "--working-dir",
-            str(REPO),
-            "--",
-            "python",
-            "pipelines/build_lh_slat.py",
-            "--config",
-            str(root / "build.yaml"),
-        ],
+    return subprocess.run(
+        [str(RAY), "job", "submit", f"--address={address}", "--working-dir", str(REPO), "--", *command],
         check=False,
         capture_output=True,
         text=True,
         env=env,
         timeout=1500,
     )
-    assert job.returncode == 0 and "succeeded" in job.stdout + job.stderr, (
-        job.stdout[-4000:] + job.stderr[-2000:]
-    )
-    report = json.loads(next((root / "data" / "reports").glob("*/report.json")).read_text())
-    return root / "data", report
 
 
 def test_release_holds_every_expected_ok_asset(submitted) -> None:
@@ -125,3 +119,29 @@ def test_every_expected_failure_is_recorded_with_its_reason(submitted) -> None:
     expected = {path: reason for path, (status, reason) in EXPECTED.items() if status == "failed"}
     assert reasons == expected
     assert not AUTOEXEC_MARKER.exists()
+
+
+def test_stage1_trains_on_the_release_as_a_submitted_job(submitted, head_node) -> None:
+    data_root, _ = submitted
+    models, run = data_root.parent / "models", data_root.parent / "stage1-run"
+    config = {
+        "data_root": str(data_root),
+        "out_dir": str(run),
+        "base_model": str(models / "slat-flow-demo.safetensors"),
+        "dinov2": str(models / "dinov2-demo"),
+        "lora": {"rank": 8, "alpha": 8.0},
+        "steps": 2,
+        "batch_size": 2,
+        "val_split": "train",
+        "val_samples": 2,
+        "sampler": {"steps": 2, "cfg_strength": 0.0},
+    }
+    (data_root.parent / "stage1.yaml").write_text(yaml.safe_dump(config))
+    command = ["python", "-m", "pipelines.cli", "train", "stage1", "--release", "shared-v1"]
+    job = _submit(head_node, *command, "--config", str(data_root.parent / "stage1.yaml"))
+    assert job.returncode == 0 and "succeeded" in job.stdout + job.stderr, (
+        job.stdout[-4000:] + job.stderr[-2000:]
+    )
+    meta = json.loads((run / "checkpoints" / "step-00000002" / "checkpoint.json").read_text())
+    pinned = Release.open(data_root, "shared-v1").info["manifest_sha256"]
+    assert meta["release"] == {"name": "shared-v1", "manifest_sha256": pinned}
