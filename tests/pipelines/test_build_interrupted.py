@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.blender, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = ("textured_cube", "diffuse_sphere", "metal_torus")
-STEPS = 9  # render_lh, normalize, voxelize, features, slat_lh, slat_bc, render_input, slat_shaded, render_relight
+STEPS = 9  # every step of steps.build_graph, slat_shaded included
 
 
 def test_a_killed_driver_loses_nothing_committed(tmp_path, demo_assets, render_python) -> None:
