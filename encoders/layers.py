@@ -1,4 +1,5 @@
-"""Building blocks shared by TRELLIS's sparse transformers (the SLAT encoder and the SLAT flow model)."""
+"""Building blocks shared by the sparse transformers: TRELLIS's SLAT encoder and flow model, and the Stage 2
+decoders."""
 
 import math
 
@@ -6,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
+
+from encoders.attention import AttentionBackend, WindowPartition, sparse_window_attention
 
 
 class Mlp(nn.Module):
@@ -17,7 +20,7 @@ class Mlp(nn.Module):
             nn.Linear(channels, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, channels)
         )
 
-    def forward(self, h: Float[Tensor, "N C"]) -> Float[Tensor, "N C"]:
+    def forward(self, h: Float[Tensor, "*batch C"]) -> Float[Tensor, "*batch C"]:
         return self.mlp(h)
 
 
@@ -44,3 +47,62 @@ def timestep_embedding(
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     angles = t.float()[:, None] * freqs
     return F.pad(torch.cat([angles.cos(), angles.sin()], dim=1), (0, dim - 2 * half))
+
+
+class MultiHeadRmsNorm(nn.Module):
+    """Per-head L2 normalisation times a learned gain and sqrt(head_dim), computed in float32."""
+
+    def __init__(self, num_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(num_heads, head_dim))
+
+    def forward(self, x: Float[Tensor, "N H D"]) -> Float[Tensor, "N H D"]:
+        return (F.normalize(x.float(), dim=-1) * self.gamma * math.sqrt(x.shape[-1])).to(x.dtype)
+
+
+class SparseSelfAttention(nn.Module):
+    """Self-attention of each token with its window's tokens (a window may be a whole object), optionally with
+    per-head RMS-normalised queries and keys; rows of `to_qkv`: q, k, v blocks, heads contiguous inside each."""
+
+    def __init__(
+        self, channels: int, num_heads: int, *, qk_rms_norm: bool = False, backend: AttentionBackend = "auto"
+    ) -> None:
+        super().__init__()
+        self.num_heads, self.backend = num_heads, backend
+        self.to_qkv = nn.Linear(channels, 3 * channels)
+        if qk_rms_norm:
+            self.q_rms_norm = MultiHeadRmsNorm(num_heads, channels // num_heads)
+            self.k_rms_norm = MultiHeadRmsNorm(num_heads, channels // num_heads)
+        self.qk_rms_norm = qk_rms_norm
+        self.to_out = nn.Linear(channels, channels)
+
+    def forward(self, h: Float[Tensor, "N C"], partition: WindowPartition) -> Float[Tensor, "N C"]:
+        qkv = self.to_qkv(h).unflatten(1, (3, self.num_heads, -1))  # (N, 3, H, D)
+        if self.qk_rms_norm:
+            q, k, v = qkv.unbind(1)
+            qkv = torch.stack([self.q_rms_norm(q), self.k_rms_norm(k), v], dim=1)
+        return self.to_out(sparse_window_attention(qkv, partition, backend=self.backend).flatten(1))
+
+
+class ObjectCrossAttention(nn.Module):
+    """Each object's tokens attend to its own context tokens (image or lighting tokens, registers); rows of
+    `to_kv`: k, v blocks."""
+
+    def __init__(self, channels: int, context_channels: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.to_q = nn.Linear(channels, channels)
+        self.to_kv = nn.Linear(context_channels, 2 * channels)
+        self.to_out = nn.Linear(channels, channels)
+
+    def forward(
+        self, h: Float[Tensor, "N C"], context: Float[Tensor, "B L C_ctx"], rows: list[int]
+    ) -> Float[Tensor, "N C"]:  # fmt: skip
+        """`rows` is the number of tokens of each object (h's rows are grouped by object)."""
+        q = self.to_q(h).unflatten(1, (self.num_heads, -1))  # (N, H, D)
+        k, v = self.to_kv(context.to(h.dtype)).unflatten(2, (2, self.num_heads, -1)).unbind(2)  # (B, L, H, D)
+        attended = [  # unpadded per object, as (1, H, L, D): SDPA picks its fused kernels
+            F.scaled_dot_product_attention(*(a.transpose(0, 1)[None] for a in (q_b, k_b, v_b)))[0]
+            for q_b, k_b, v_b in zip(q.split(rows), k, v)
+        ]
+        return self.to_out(torch.cat(attended, dim=1).transpose(0, 1).flatten(1))

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from encoders.attention import AttentionBackend, WindowPartition, sparse_window_attention, window_partition
-from encoders.layers import Mlp, layer_norm_fp32, position_embedding
+from encoders.attention import AttentionBackend, WindowPartition, window_partition
+from encoders.layers import Mlp, SparseSelfAttention, layer_norm_fp32, position_embedding
 from encoders.sparse import SparseTensor
 from encoders.trellis_checkpoint import (
     check_state_dict,
@@ -71,25 +71,13 @@ class SlatEncoderConfig(FrozenConfig):
             raise ConfigError(f"resolution, in/latent channels and window_size must be >= 1: {self!r}")
 
 
-class _WindowAttention(nn.Module):
-    def __init__(self, channels: int, num_heads: int, *, backend: AttentionBackend) -> None:
-        super().__init__()
-        self.num_heads, self.backend = num_heads, backend
-        self.to_qkv = nn.Linear(channels, 3 * channels)  # rows: q, k, v blocks, heads contiguous inside each
-        self.to_out = nn.Linear(channels, channels)
-
-    def forward(self, h: Float[Tensor, "N C"], partition: WindowPartition) -> Float[Tensor, "N C"]:
-        qkv = self.to_qkv(h).unflatten(1, (3, self.num_heads, -1))
-        return self.to_out(sparse_window_attention(qkv, partition, backend=self.backend).flatten(1))
-
-
 class _TransformerBlock(nn.Module):
     """Pre-LN block: h + attn(norm(h)), then h + mlp(norm(h)); the norms run in fp32 without affine."""
 
     def __init__(self, config: SlatEncoderConfig) -> None:
         super().__init__()
         channels = config.model_channels
-        self.attn = _WindowAttention(channels, config.num_heads, backend=config.attention_backend)
+        self.attn = SparseSelfAttention(channels, config.num_heads, backend=config.attention_backend)
         self.mlp = Mlp(channels, int(channels * config.mlp_ratio))
 
     def forward(self, h: Float[Tensor, "N C"], partition: WindowPartition) -> Float[Tensor, "N C"]:

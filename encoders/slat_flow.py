@@ -23,8 +23,16 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from encoders.attention import AttentionBackend, WindowPartition, sparse_window_attention, window_partition
-from encoders.layers import Mlp, layer_norm_fp32, position_embedding, timestep_embedding
+from encoders.attention import AttentionBackend, WindowPartition, window_partition
+from encoders.layers import (
+    Mlp,
+    MultiHeadRmsNorm,
+    ObjectCrossAttention,
+    SparseSelfAttention,
+    layer_norm_fp32,
+    position_embedding,
+    timestep_embedding,
+)
 from encoders.sparse import SparseTensor
 from encoders.sparse_conv import ConvBackend, Pooling, SubmanifoldConv3d, VoxelGrid
 from encoders.trellis_checkpoint import (
@@ -131,63 +139,6 @@ class _ResBlock(nn.Module):
         return h + self.skip_connection(x)
 
 
-class _MultiHeadRmsNorm(nn.Module):
-    """Per-head L2 normalisation times a learned gain and sqrt(head_dim), computed in float32."""
-
-    def __init__(self, num_heads: int, head_dim: int) -> None:
-        super().__init__()
-        self.gamma = nn.Parameter(torch.ones(num_heads, head_dim))
-
-    def forward(self, x: Float[Tensor, "N H D"]) -> Float[Tensor, "N H D"]:
-        return (F.normalize(x.float(), dim=-1) * self.gamma * math.sqrt(x.shape[-1])).to(x.dtype)
-
-
-class _SelfAttention(nn.Module):
-    """Full attention among the tokens of each object; rows of `to_qkv`: q, k, v blocks, heads inside each."""
-
-    def __init__(
-        self, channels: int, num_heads: int, *, qk_rms_norm: bool, backend: AttentionBackend
-    ) -> None:
-        super().__init__()
-        self.num_heads, self.backend = num_heads, backend
-        self.to_qkv = nn.Linear(channels, 3 * channels)
-        if qk_rms_norm:
-            self.q_rms_norm = _MultiHeadRmsNorm(num_heads, channels // num_heads)
-            self.k_rms_norm = _MultiHeadRmsNorm(num_heads, channels // num_heads)
-        self.qk_rms_norm = qk_rms_norm
-        self.to_out = nn.Linear(channels, channels)
-
-    def forward(self, h: Float[Tensor, "N C"], partition: WindowPartition) -> Float[Tensor, "N C"]:
-        qkv = self.to_qkv(h).unflatten(1, (3, self.num_heads, -1))  # (N, 3, H, D)
-        if self.qk_rms_norm:
-            q, k, v = qkv.unbind(1)
-            qkv = torch.stack([self.q_rms_norm(q), self.k_rms_norm(k), v], dim=1)
-        return self.to_out(sparse_window_attention(qkv, partition, backend=self.backend).flatten(1))
-
-
-class _CrossAttention(nn.Module):
-    """Each object's tokens attend to its own image tokens; rows of `to_kv`: k, v blocks."""
-
-    def __init__(self, channels: int, context_channels: int, num_heads: int) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.to_q = nn.Linear(channels, channels)
-        self.to_kv = nn.Linear(context_channels, 2 * channels)
-        self.to_out = nn.Linear(channels, channels)
-
-    def forward(
-        self, h: Float[Tensor, "N C"], context: Float[Tensor, "B L C_ctx"], rows: list[int]
-    ) -> Float[Tensor, "N C"]:  # fmt: skip
-        """`rows` is the number of tokens of each object (h's rows are grouped by object)."""
-        q = self.to_q(h).unflatten(1, (self.num_heads, -1))  # (N, H, D)
-        k, v = self.to_kv(context.to(h.dtype)).unflatten(2, (2, self.num_heads, -1)).unbind(2)  # (B, L, H, D)
-        attended = [  # unpadded per object, as (1, H, L, D): SDPA picks its fused kernels
-            F.scaled_dot_product_attention(*(a.transpose(0, 1)[None] for a in (q_b, k_b, v_b)))[0]
-            for q_b, k_b, v_b in zip(q.split(rows), k, v)
-        ]
-        return self.to_out(torch.cat(attended, dim=1).transpose(0, 1).flatten(1))
-
-
 class _Block(nn.Module):
     """adaLN-Zero DiT block with cross-attention (TRELLIS's ModulatedSparseTransformerCrossBlock)."""
 
@@ -197,10 +148,10 @@ class _Block(nn.Module):
         self.norm2 = nn.LayerNorm(
             channels, eps=1e-6
         )  # the only affine norm; no modulation on cross-attention
-        self.self_attn = _SelfAttention(
+        self.self_attn = SparseSelfAttention(
             channels, config.num_heads, qk_rms_norm=config.qk_rms_norm, backend=config.attention_backend
         )
-        self.cross_attn = _CrossAttention(channels, config.cond_channels, config.num_heads)
+        self.cross_attn = ObjectCrossAttention(channels, config.cond_channels, config.num_heads)
         self.mlp = Mlp(channels, int(channels * config.mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 6 * channels))
 
@@ -351,7 +302,7 @@ def build_random_slat_flow(config: SlatFlowConfig, *, seed: int) -> SlatFlowMode
         for name, module in model.named_modules():
             if isinstance(module, nn.LayerNorm):
                 module.reset_parameters()
-            elif isinstance(module, _MultiHeadRmsNorm):
+            elif isinstance(module, MultiHeadRmsNorm):
                 module.gamma.fill_(1.0)
             elif isinstance(module, (nn.Linear, SubmanifoldConv3d)):
                 params = module.conv if isinstance(module, SubmanifoldConv3d) else module
