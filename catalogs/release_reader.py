@@ -71,19 +71,40 @@ class Release:
         rows = self.manifest.filter(pc.equal(self.manifest["split"], name))
         return list(dict.fromkeys(rows["sample_id"].to_pylist()))
 
-    def read(self, sample_id: str, role: str, *, verify: bool = False) -> dict[str, np.ndarray]:
-        """One sample's arrays of one role (for example `slat_lh`): one slice per array."""
-        try:
-            row = self.manifest.slice(self._rows[(sample_id, role)], 1).to_pylist()[0]
-        except KeyError:
-            raise KeyError(f"release {self.info['name']!r} has no ({sample_id!r}, {role!r})") from None
+    def read(
+        self, sample_id: str, role: str, *, names: tuple[str, ...] | None = None, verify: bool = False
+    ) -> dict[str, np.ndarray]:
+        """One sample's arrays of one role (for example `slat_lh`), or only those in `names`: one slice per array.
+        `verify` checks the content digest, which needs every array."""
+        if verify and names is not None:
+            raise ValueError("verify needs every array of the role; leave names unset")
+        row = self._row(sample_id, role)
         arrays = {}
         for item in row["arrays"]:
             a = ArraySlice.from_dict(item)
+            if names is not None and a.name not in names:
+                continue
             arrays[a.name] = self._array(row["pack_path"], a.name)[a.row_start : a.row_start + a.row_count]
         if verify and content_digest(arrays) != row["content_digest"]:
             raise ReleaseIntegrityError(f"{sample_id}/{role}: content digest mismatch in {row['pack_path']}")
         return arrays
+
+    def read_row(self, sample_id: str, role: str, name: str, index: int) -> np.ndarray:
+        """Row `index` of one array of a sample's role (one view or frame), reading only its own chunk."""
+        row = self._row(sample_id, role)
+        for item in row["arrays"]:
+            a = ArraySlice.from_dict(item)
+            if a.name == name:
+                if not 0 <= index < a.row_count:
+                    raise IndexError(f"{sample_id}/{role}/{name} has {a.row_count} rows, asked for row {index}")
+                return self._array(row["pack_path"], name)[a.row_start + index]
+        raise KeyError(f"{sample_id}/{role} has no array {name!r}")
+
+    def _row(self, sample_id: str, role: str) -> dict:
+        try:
+            return self.manifest.slice(self._rows[(sample_id, role)], 1).to_pylist()[0]
+        except KeyError:
+            raise KeyError(f"release {self.info['name']!r} has no ({sample_id!r}, {role!r})") from None
 
     def _array(self, pack_path: str, name: str) -> zarr.Array:
         key = (pack_path, name)

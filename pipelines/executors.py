@@ -31,7 +31,9 @@ def render_set_arrays(render_set: RenderSet) -> dict[str, np.ndarray]:
     """A render set as arrays: per frame (view x lighting) the lighting-dependent passes, per view the others.
 
     beauty (F, H, W, 4) float16; shadow (F, H, W) float16 if rendered; frame_view, frame_lighting (F,) int16;
-    c2w (V, 4, 4) float32 (Blender/OpenGL); fov (V,) float32; <pass> (V, H, W[, C]) float16 per view pass
+    frame_env_map (F, 32) uint8, the sha256 of the frame's environment map (zeros if not env-map lit), and
+    frame_yaw and frame_env_strength (F,) float32, its rotation about +Z and its world strength; c2w (V, 4, 4) float32 (Blender/OpenGL); fov (V,) float32;
+    <pass> (V, H, W[, C]) float16 per view pass
     """
     frames = render_set.frames
     passes = list(render_set.meta["passes"])
@@ -41,6 +43,13 @@ def render_set_arrays(render_set: RenderSet) -> dict[str, np.ndarray]:
     arrays = {p: np.stack([x[p] for x in loaded]).astype(np.float16) for p in per_frame}
     arrays["frame_view"] = np.array([f.record["view_index"] for f in frames], np.int16)
     arrays["frame_lighting"] = np.array([f.record["lighting_index"] for f in frames], np.int16)
+    digests = render_set.meta.get("env_maps", {})
+    lightings = [f.record["lighting"] for f in frames]
+    arrays["frame_env_map"] = np.stack(
+        [np.frombuffer(bytes.fromhex(digests.get(light.get("env_map"), "00" * 32)), np.uint8) for light in lightings]
+    )
+    arrays["frame_yaw"] = np.array([light.get("yaw_rad", 0.0) for light in lightings], np.float32)
+    arrays["frame_env_strength"] = np.array([light.get("strength", 1.0) for light in lightings], np.float32)
     firsts = [f for f in frames if f.record["lighting_index"] == 0]
     arrays["c2w"] = np.stack([f.c2w for f in firsts]).astype(np.float32)
     arrays["fov"] = np.array([f.fov_rad for f in firsts], np.float32)

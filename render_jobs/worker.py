@@ -6,6 +6,7 @@ supervisor keeps for failure records. An asset's folder appears only when comple
 `.partial-<pid>` name, then renamed).
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -112,6 +113,7 @@ def render_asset(request: RenderRequest, scratch: Path, scene: Any, info: Worker
         for pass_name, pass_tiles in tiles.items():
             contact_sheet.write_contact_sheet(partial / "contact_sheets" / f"{pass_name}.png", pass_tiles)
         meta = _transforms(request, recipe, records, normalization, stats, info)
+        meta["env_maps"] = {name: _sha256(path) for name, path in env_maps.items()}
         (partial / render_set.TRANSFORMS_FILE).write_text(json.dumps(meta, indent=1))
         _commit(partial, out_dir)
         return RenderResult(str(asset), "ok", out_dir=str(out_dir), stats=stats, timings_s=timings)
@@ -237,6 +239,12 @@ def _transforms(request: RenderRequest, recipe: RecipeConfig, records: list, nor
         "stats": stats,
         "frames": records,
     }
+
+
+def _sha256(path: Path) -> str:
+    """The content address an environment map is found by at training time (`training.stage2.env_map_store`)."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def _send(channel: BinaryIO, message: Any) -> None:
