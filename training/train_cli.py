@@ -1,6 +1,8 @@
-"""`near train stage1 --release NAME [--config FILE]`."""
+"""`near train stage1|stage2 --release NAME [--config FILE]`."""
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -12,24 +14,29 @@ def train() -> None:
     """Train the NeAR stages from a pinned release."""
 
 
-@train.command()
-@click.option("--release", required=True, help="Release name (under <data_root>/releases).")
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), help="Overrides the config's.")
-@click.option(
-    "--out", type=click.Path(file_okay=False, path_type=Path), help="Run folder (checkpoints, logs)."
-)
-@click.option("--steps", type=int, help="Overrides the config's.")
-@click.option("--gpus", type=int, help="One Ray Train worker per GPU; 0 trains one CPU worker.")
-def stage1(
-    release: str, config_file: Path | None, data_root: Path | None, out: Path | None, steps: int | None,
-    gpus: int | None,
-) -> None:  # fmt: skip
-    """Stage 1: LoRA rectified flow, (shaded SLAT, input image) -> LH-SLAT."""
-    from training.ray_train import train_stage1
-    from training.stage1.config import Stage1Config
+def _stage_options(command: Callable[..., None]) -> Callable[..., None]:
+    options = [
+        click.option("--release", required=True, help="Release name (under <data_root>/releases)."),
+        click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path)),
+        click.option(
+            "--data-root", type=click.Path(file_okay=False, path_type=Path), help="Overrides the config's."
+        ),
+        click.option(
+            "--out", type=click.Path(file_okay=False, path_type=Path), help="Run folder (checkpoints, logs)."
+        ),
+        click.option("--steps", type=int, help="Overrides the config's."),
+        click.option("--gpus", type=int, help="One Ray Train worker per GPU; 0 trains one CPU worker."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
-    overrides = {
+
+def _train(stage: str, release: str, config_file: Path | None, data_root: Path | None, out: Path | None,
+           steps: int | None, gpus: int | None) -> None:  # fmt: skip
+    from training.ray_train import config_class, train
+
+    overrides: dict[str, Any] = {
         "release": release,
         "data_root": str(data_root) if data_root else None,
         "out_dir": str(out) if out else None,
@@ -37,13 +44,28 @@ def stage1(
     }
     if gpus is not None:
         overrides.update(num_workers=max(gpus, 1), use_gpu=gpus > 0)
+    cls = config_class(stage)
     try:
         if config_file:
-            config = Stage1Config.from_yaml(config_file, **overrides)
+            config = cls.from_yaml(config_file, **overrides)
         else:
-            config = Stage1Config.from_dict({k: v for k, v in overrides.items() if v is not None})
-        metrics = train_stage1(config)
+            config = cls.from_dict({k: v for k, v in overrides.items() if v is not None})
+        metrics = train(stage, config)
     except (ConfigError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from err
-    click.echo(f"stage 1 finished: {metrics}")
+    click.echo(f"{stage} finished: {metrics}")
     click.echo(f"checkpoints: {Path(config.out_dir) / 'checkpoints'}")
+
+
+@train.command()
+@_stage_options
+def stage1(**options: Any) -> None:
+    """Stage 1: LoRA rectified flow, (shaded SLAT, input image) -> LH-SLAT."""
+    _train("stage1", **options)
+
+
+@train.command()
+@_stage_options
+def stage2(**options: Any) -> None:
+    """Stage 2: LH-SLAT + camera + environment map -> relightable Gaussians, rendered and compared."""
+    _train("stage2", **options)

@@ -11,9 +11,10 @@ import torch
 from encoders.slat_flow import SlatFlowConfig, SlatFlowModel, build_random_slat_flow
 from encoders.sparse import SparseTensor
 from tests.encoders.helpers import shell_coords
+from training.run import CHECKPOINTS, LATEST
 from training.stage1.config import Stage1Config
 from training.stage1.model import LoraSettings, expected_trainable_parameters, stage1_model, velocity
-from training.stage1.trainer import CHECKPOINTS, LATEST, Stage1Trainer
+from training.stage1.trainer import Stage1Trainer
 
 TINY_FLOW = SlatFlowConfig(
     model_channels=48, cond_channels=24, num_blocks=2, num_heads=3, io_block_channels=(16,), use_fp16=False

@@ -14,22 +14,9 @@ from torch import Tensor
 from catalogs.release_reader import Release
 from encoders.shaded_slat import input_view_frames
 from encoders.sparse import SparseTensor
+from training.latents import LatentNormalization, latent_statistics
 
 ROLES = ("slat_lh", "slat_shaded", "input")
-
-
-@dataclasses.dataclass(frozen=True)
-class LatentNormalization:
-    """Per-channel statistics; the flow runs on (latent - mean) / std."""
-
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    def apply(self, latent: Float[Tensor, "N C"]) -> Float[Tensor, "N C"]:
-        return (latent - latent.new_tensor(self.mean)) / latent.new_tensor(self.std)
-
-    def invert(self, normalized: Float[Tensor, "N C"]) -> Float[Tensor, "N C"]:
-        return normalized * normalized.new_tensor(self.std) + normalized.new_tensor(self.mean)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,24 +77,3 @@ class Stage1Data:
         arrays = self.release.read(asset, "input")
         frame = input_view_frames(arrays["frame_view"], arrays["frame_lighting"], view + 1)[view]
         return torch.from_numpy(arrays["beauty"][frame].astype(np.float32)).permute(2, 0, 1)
-
-
-def latent_statistics(release: Release, assets: list[str]) -> LatentNormalization:
-    """Per-channel mean and std of the LH-SLATs over every voxel of `assets` (the training split)."""
-    latents = np.concatenate([release.read(a, "slat_lh")["latent"].astype(np.float64) for a in assets])
-    return LatentNormalization(
-        tuple(latents.mean(0).tolist()), tuple(np.maximum(latents.std(0), 1e-6).tolist())
-    )
-
-
-def stream_indices(num_items: int, *, seed: int, start: int, count: int) -> list[int]:
-    """Items at positions [start, start + count) of the endless stream: epoch e is a permutation seeded by
-    (seed, e)."""
-    out, cache = [], {}
-    for position in range(start, start + count):
-        epoch = position // num_items
-        if epoch not in cache:
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            cache[epoch] = torch.randperm(num_items, generator=generator).tolist()
-        out.append(cache[epoch][position % num_items])
-    return out

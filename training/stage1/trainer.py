@@ -9,7 +9,6 @@ import copy
 import hashlib
 import json
 import logging
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,38 +25,24 @@ from encoders.flow_sampler import sample_flow
 from encoders.slat_flow import SlatFlowModel, load_slat_flow
 from encoders.sparse import SparseTensor
 from infra.errors import ConfigError
+from training.run import (
+    META_FILE,
+    RunFolder,
+    StepBatches,
+    check_release_pin,
+    release_pin,
+    step_generator,
+)
 from training.stage1.config import Stage1Config
-from training.stage1.data import Stage1Batch, Stage1Data, stream_indices
+from training.stage1.data import Stage1Batch, Stage1Data
 from training.stage1.model import stage1_model, velocity
 from training.stage1.objective import rectified_flow_loss
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
 ADAPTER_FILE = "adapter.safetensors"
 EMA_FILE = "ema.safetensors"
 STATE_FILE = "trainer.pt"
-META_FILE = "checkpoint.json"
-METRICS_FILE = "metrics.jsonl"
-
-
-class StepBatches(torch.utils.data.Dataset):
-    """Item s is this rank's batch of step s: a function of the step alone, so loader workers can read ahead."""
-
-    def __init__(self, data: Stage1Data, config: Stage1Config, rank: int, world_size: int) -> None:
-        self.data, self.config, self.rank = data, config, rank
-        self.per_rank = config.batch_size // world_size
-
-    def __len__(self) -> int:
-        return self.config.steps
-
-    def __getitem__(self, step: int) -> Stage1Batch:
-        start = step * self.config.batch_size + self.rank * self.per_rank
-        count = self.per_rank
-        return self.data.batch(
-            stream_indices(len(self.data), seed=self.config.seed, start=start, count=count)
-        )
 
 
 class Stage1Trainer:
@@ -66,6 +51,7 @@ class Stage1Trainer:
     ) -> None:
         self.config, self.device, self.rank, self.world_size = config, device, rank, world_size
         self.out_dir = Path(config.out_dir)
+        self.run_folder = RunFolder(config.out_dir, rank)
         self.release = Release.open(config.data_root, config.release, config.release_sha256)
         self.train_data = Stage1Data(self.release, "train")
         self.normalization = self.train_data.normalization
@@ -122,9 +108,7 @@ class Stage1Trainer:
 
     def train_step(self, batch: Stage1Batch | None = None) -> float:
         """One optimizer step on this step's batch (read here unless a prefetching loader passes it)."""
-        batch = (
-            batch or StepBatches(self.train_data, self.config, self.rank, self.world_size)[self.step]
-        ).to(self.device)
+        batch = (batch or self._step_batches()[self.step]).to(self.device)
         loss = self.flow_loss(batch, self._generator("train"))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -141,8 +125,14 @@ class Stage1Trainer:
         return loss.item()
 
     def _generator(self, purpose: str) -> torch.Generator:
-        key = f"{self.config.seed}/{self.step}/{self.rank}/{purpose}".encode()
-        return torch.Generator().manual_seed(int(hashlib.sha256(key).hexdigest()[:15], 16))
+        return step_generator(self.config.seed, self.step, self.rank, purpose)
+
+    def _step_batches(self) -> StepBatches:
+        config = self.config
+        return StepBatches(
+            self.train_data, steps=config.steps, batch_size=config.batch_size, seed=config.seed, rank=self.rank,
+            world_size=self.world_size,
+        )  # fmt: skip
 
     # -- evaluation ---------------------------------------------------------------------------------------------
 
@@ -183,14 +173,7 @@ class Stage1Trainer:
     def run(self, report: Callable[[dict[str, Any]], None] = lambda metrics: None) -> dict[str, Any]:
         """Train up to `config.steps`, validating, checkpointing and reporting on the way."""
         config, metrics = self.config, {}
-        batches = torch.utils.data.DataLoader(
-            StepBatches(self.train_data, config, self.rank, self.world_size),
-            batch_size=None,
-            sampler=range(self.step, config.steps),
-            num_workers=config.data_workers,
-            prefetch_factor=2 if config.data_workers else None,
-        )
-        for batch in batches:
+        for batch in self._step_batches().loader(self.step, config.data_workers):
             loss = self.train_step(batch)
             metrics = {"step": self.step, "loss": loss}
             if self.step % config.val_every == 0 or self.step == config.steps:
@@ -199,69 +182,43 @@ class Stage1Trainer:
                 self.save_checkpoint()
             if self.step % config.log_every == 0 or len(metrics) > 2:
                 logger.info("stage1 step %d/%d %s", self.step, config.steps, metrics)
-                self._append_metrics(metrics)
+                self.run_folder.append_metrics(metrics)
                 report(metrics)
         if self.writer is not None:
             self.writer.flush()
         return metrics
 
-    def _append_metrics(self, metrics: dict[str, Any]) -> None:
-        """`metrics.jsonl` in the run folder: one line per log step, readable without TensorBoard."""
-        if self.rank == 0:
-            with open(self.out_dir / METRICS_FILE, "a") as file:
-                file.write(json.dumps(metrics) + "\n")
-
     # -- checkpoints --------------------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path | None:
-        """Rank 0 writes `checkpoints/step-N/` (adapter and widened input layer, EMA, optimizer, metadata with
-        the release pin) into a temporary folder, renames it, then points `latest` at it: a crash leaves the
-        previous checkpoint intact."""
-        if self.rank != 0:
-            return None
-        folder = self.out_dir / CHECKPOINTS / f"step-{self.step:08d}"
-        tmp = folder.with_name(f".{folder.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        """Rank 0 writes `checkpoints/step-N/`: adapter and widened input layer, EMA, optimizer, and metadata
+        with the release pin."""
+        return self.run_folder.write_checkpoint(self.step, self._write_checkpoint)
+
+    def _write_checkpoint(self, folder: Path) -> dict[str, Any]:
         adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.model).items()}
-        safetensors.torch.save_file(adapter, tmp / ADAPTER_FILE)
-        safetensors.torch.save_file({k: v.cpu().contiguous() for k, v in self.ema.items()}, tmp / EMA_FILE)
-        torch.save({"step": self.step, "optimizer": self.optimizer.state_dict()}, tmp / STATE_FILE)
-        meta = {
+        safetensors.torch.save_file(adapter, folder / ADAPTER_FILE)
+        safetensors.torch.save_file({k: v.cpu().contiguous() for k, v in self.ema.items()}, folder / EMA_FILE)
+        torch.save({"step": self.step, "optimizer": self.optimizer.state_dict()}, folder / STATE_FILE)
+        return {
             "step": self.step,
             "config": self.config.to_dict(),
-            "release": {
-                "name": self.release.info["name"],
-                "manifest_sha256": self.release.info["manifest_sha256"],
-            },
+            "release": release_pin(self.release),
             "base_model": {"reference": self.base_weights.reference, "digest": self.base_weights.digest},
             "dinov2": {"reference": self.dinov2.weights.reference, "digest": self.dinov2.weights.digest},
             "normalization": {"mean": self.normalization.mean, "std": self.normalization.std},
             "lora": {**self.config.lora.to_dict(), "use_rslora": True, "modules_to_save": ["input_layer"]},
-            "adapter_sha256": hashlib.sha256((tmp / ADAPTER_FILE).read_bytes()).hexdigest(),
+            "adapter_sha256": hashlib.sha256((folder / ADAPTER_FILE).read_bytes()).hexdigest(),
             "trainable_parameters": self.num_trainable,
         }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
-        latest = self.out_dir / CHECKPOINTS / LATEST
-        latest.with_suffix(".tmp").write_text(folder.name + "\n")
-        latest.with_suffix(".tmp").replace(latest)
-        return folder
 
     def _resume_if_possible(self) -> None:
-        latest = self.out_dir / CHECKPOINTS / LATEST
-        if latest.exists():
-            self.load_checkpoint(self.out_dir / CHECKPOINTS / latest.read_text().strip())
+        latest = self.run_folder.latest_checkpoint()
+        if latest is not None:
+            self.load_checkpoint(latest)
 
     def load_checkpoint(self, folder: Path) -> None:
-        meta = json.loads((folder / META_FILE).read_text())
-        pinned = meta["release"]["manifest_sha256"]
-        if pinned != self.release.info["manifest_sha256"]:
-            raise ConfigError(
-                f"{folder} was trained on release {meta['release']['name']!r} with manifest {pinned}, but the "
-                f"release now has {self.release.info['manifest_sha256']}: start a new out_dir"
-            )
+        check_release_pin(folder, json.loads((folder / META_FILE).read_text()), self.release)
         adapter = safetensors.torch.load_file(folder / ADAPTER_FILE, device=str(self.device))
         result = set_peft_model_state_dict(self.model, adapter)
         if result.unexpected_keys:
