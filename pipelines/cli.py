@@ -163,6 +163,7 @@ def demo(out: Path, seed: int, resolution: int, samples: int) -> None:
     config_path = demo_config.write_build_config(out)
     console.print(f"demo build config: {config_path} (models with random weights: the latents mean nothing)")
     stage1_path = demo_config.write_stage1_config(out)
+    stage2_path = demo_config.write_stage2_config(out)
     try:
         record = run_with_progress(BuildConfig.from_yaml(config_path))
     except ConfigError as err:
@@ -170,6 +171,7 @@ def demo(out: Path, seed: int, resolution: int, samples: int) -> None:
     if record.failures:
         sys.exit(1)
     console.print(f"train Stage 1 on it: near train stage1 --release demo-seed{seed} --config {stage1_path}")
+    console.print(f"train Stage 2 on it: near train stage2 --release demo-seed{seed} --config {stage2_path}")
 
 
 def main() -> None:

@@ -17,6 +17,15 @@ from render_jobs.demo_assets import MANIFEST_FILE
 
 DEMO_DINOV2 = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "mlp_ratio": 2}
 """Small enough for a CPU; the real model is ViT-L/14 with registers (`encoders.dinov2.VITL14_REG`)."""
+DEMO_STAGE2_MODEL = {
+    "decoder": {"model_channels": 48, "num_heads": 3, "intrinsic_blocks": 2, "lighting_blocks": 2, "num_registers": 4},
+    "tokenizer": {
+        "map_size": [32, 64], "convnext_depths": [1, 1, 1, 1], "convnext_dims": [16, 16, 32, 32], "width": 48,
+        "num_heads": 3, "self_attention_blocks": 1,
+    },
+    "heads": {"gaussians_per_voxel": 4, "color_feature_channels": 16, "radiance_hidden": 32},
+}  # fmt: skip
+"""Stage 2 at a CPU size; the paper's (12 + 6 blocks of width 768, 4096 lighting tokens) is the default."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +64,26 @@ class DemoConfig:
             "execution": {"allow_software_gl": True},
         }
         path = out / "build.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return path
+
+    def write_stage2_config(self, out: Path) -> Path:
+        """`<out>/stage2.yaml`: Stage 2 at a CPU size on the demo release (validating on its training assets);
+        the environment maps are the ones bpy ships, which the demo renders with."""
+        config = {
+            "data_root": "data",
+            "out_dir": "runs/stage2",
+            "model": DEMO_STAGE2_MODEL,
+            "steps": 200,
+            "batch_size": 4,
+            "lr": 2e-3,
+            "warmup_steps": 20,
+            "val_split": "train",
+            "val_every": 100,
+            "checkpoint_every": 100,
+            "image_every": 50,
+        }
+        path = out / "stage2.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         return path
 
