@@ -74,6 +74,7 @@ class Stage1Data:
         )
 
     def _view(self, asset: str, view: int) -> Float[Tensor, "4 H W"]:
-        arrays = self.release.read(asset, "input")
+        arrays = self.release.read(asset, "input", names=("frame_view", "frame_lighting"))
         frame = input_view_frames(arrays["frame_view"], arrays["frame_lighting"], view + 1)[view]
-        return torch.from_numpy(arrays["beauty"][frame].astype(np.float32)).permute(2, 0, 1)
+        beauty = self.release.read_row(asset, "input", "beauty", int(frame))  # one chunk, not the whole set
+        return torch.from_numpy(beauty.astype(np.float32)).permute(2, 0, 1)

@@ -39,7 +39,7 @@ class Stage2Data:
 
     def __init__(
         self, release: Release, split: str, env_maps: EnvMapStore, *, with_bc_slat: bool = False,
-        normalization: LatentNormalization | None = None, only_env_maps: set[str] | None = None,
+        normalization: dict[str, LatentNormalization] | None = None, only_env_maps: set[str] | None = None,
         without_env_maps: set[str] = frozenset(),
     ) -> None:  # fmt: skip
         self.release, self.env_maps, self.with_bc_slat = release, env_maps, with_bc_slat
