@@ -72,6 +72,9 @@ def test_relight_frames_come_with_their_environment_maps(stage2_config: Stage2Co
     assert len(same_view) == 2
     first, second = data.batch(same_view)[0].w2c
     assert torch.equal(first, second)
+    with_bc = Stage2Data(release, "train", store, with_bc_slat=True).batch(picked)[0]
+    assert with_bc.slat.feats.shape == (inputs.slat.feats.shape[0], 16)  # LH-SLAT then BC-SLAT channels
+    assert torch.equal(with_bc.slat.feats[:, :8], inputs.slat.feats)
 
 
 def test_training_lowers_the_loss_and_resumes_exactly(stage2_config: Stage2Config) -> None:
