@@ -148,7 +148,7 @@ def test_near_train_stage1_runs_through_ray_train(stage1_config: Stage1Config, t
         capture_output=True, text=True, timeout=900, check=False,
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert "stage 1 finished" in completed.stdout and "val_mse_sampled" in completed.stdout
+    assert "stage1 finished" in completed.stdout and "val_mse_sampled" in completed.stdout
     run = Path(stage1_config.out_dir)
     assert (run / CHECKPOINTS / LATEST).read_text().strip() == "step-00000002"
     assert any((run / "tensorboard").iterdir())
