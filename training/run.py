@@ -123,6 +123,16 @@ class StepBatches(torch.utils.data.Dataset):
             stream_indices(len(self.data), seed=self.seed, start=start, count=self.per_rank)
         )
 
+    def loader(self, first_step: int, num_workers: int) -> torch.utils.data.DataLoader:
+        """The batches of steps [first_step, steps), read ahead by `num_workers` processes."""
+        return torch.utils.data.DataLoader(
+            self,
+            batch_size=None,
+            sampler=range(first_step, self.steps),
+            num_workers=num_workers,
+            prefetch_factor=2 if num_workers else None,
+        )
+
 
 def coerce_floats(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     """YAML reads `1e-4` (no dot) as a string: convert the float fields of `cls`, saying which one is bad."""
