@@ -69,19 +69,21 @@ class DemoConfig:
 
     def write_stage2_config(self, out: Path) -> Path:
         """`<out>/stage2.yaml`: Stage 2 at a CPU size on the demo release (validating on its training assets);
-        the environment maps are the ones bpy ships, which the demo renders with."""
+        the environment maps are the ones bpy ships, which the demo renders with. The CPU rasterizer blends every
+        pixel with every Gaussian of its tile, so a CPU run is a short smoke run: real training wants gsplat."""
         config = {
             "data_root": "data",
             "out_dir": "runs/stage2",
             "model": DEMO_STAGE2_MODEL,
-            "steps": 200,
-            "batch_size": 4,
+            "steps": 40,
+            "batch_size": 2,
             "lr": 2e-3,
-            "warmup_steps": 20,
+            "warmup_steps": 5,
             "val_split": "train",
-            "val_every": 100,
-            "checkpoint_every": 100,
-            "image_every": 50,
+            "val_samples": 4,
+            "val_every": 20,
+            "checkpoint_every": 20,
+            "image_every": 20,
         }
         path = out / "stage2.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
