@@ -165,6 +165,7 @@ def decoder(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def overfit(args: argparse.Namespace) -> dict[str, Any]:
+    from training.run import step_batches
     from training.stage2.config import Stage2Config
     from training.stage2.trainer import Stage2Trainer
 
@@ -203,7 +204,7 @@ def overfit(args: argparse.Namespace) -> dict[str, Any]:
     losses = []
     batches = iter(
         torch.utils.data.DataLoader(
-            trainer._step_batches(), batch_size=None, num_workers=4, prefetch_factor=4
+            step_batches(trainer), batch_size=None, num_workers=4, prefetch_factor=4
         )
     )
     while trainer.step < config.steps:

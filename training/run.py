@@ -8,6 +8,7 @@ moment leaves the previous checkpoint intact and never a half-written one visibl
 import dataclasses
 import hashlib
 import json
+import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,8 @@ import yaml
 from catalogs.release_reader import Release
 from infra.config import FrozenConfig
 from infra.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 Precision = Literal["auto", "float32", "bfloat16"]
 CHECKPOINTS = "checkpoints"
@@ -108,11 +111,10 @@ class BatchSource(Protocol):
 class StepBatches(torch.utils.data.Dataset):
     """Item s is this rank's batch of step s: a function of the step alone, so loader workers can read ahead."""
 
-    def __init__(
-        self, data: BatchSource, *, steps: int, batch_size: int, seed: int, rank: int, world_size: int
-    ) -> None:  # fmt: skip
-        self.data, self.steps, self.batch_size, self.seed, self.rank = data, steps, batch_size, seed, rank
-        self.per_rank = batch_size // world_size
+    def __init__(self, data: BatchSource, config: "TrainingConfig", *, rank: int, world_size: int) -> None:
+        self.data, self.rank = data, rank
+        self.steps, self.batch_size, self.seed = config.steps, config.batch_size, config.seed
+        self.per_rank = config.batch_size // world_size
 
     def __len__(self) -> int:
         return self.steps
@@ -227,3 +229,47 @@ class TrainingConfig(FrozenConfig):
     def from_yaml(cls, path: str | Path, **overrides: Any) -> Self:
         data = read_yaml_config(path, folders=cls.PATH_KEYS, models=cls.MODEL_KEYS)
         return cls.from_dict({**data, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+class Trainer(Protocol):
+    """What `train_loop` drives: each stage's trainer."""
+
+    config: TrainingConfig
+    step: int
+    rank: int
+    world_size: int
+    train_data: BatchSource
+    run_folder: RunFolder
+    writer: Any
+
+    def validate(self) -> dict[str, float]: ...
+    def save_checkpoint(self) -> Path | None: ...
+
+
+def step_batches(trainer: Trainer) -> StepBatches:
+    return StepBatches(trainer.train_data, trainer.config, rank=trainer.rank, world_size=trainer.world_size)
+
+
+def train_loop(
+    trainer: Trainer, stage: str, train_step: Callable[[Any], dict[str, float]],
+    report: Callable[[dict[str, Any]], None],
+) -> dict[str, Any]:  # fmt: skip
+    """Train up to `config.steps` from the trainer's step on prefetched batches: `train_step(batch)` gives the
+    step's metrics; validate, checkpoint, log (`metrics.jsonl`, the log, `report`) on the configured steps."""
+    config, metrics = trainer.config, {}
+    for batch in step_batches(trainer).loader(trainer.step, config.data_workers):
+        step_metrics = train_step(batch)  # advances trainer.step
+        metrics = {"step": trainer.step, **step_metrics}
+        logged = trainer.step % config.log_every == 0
+        if trainer.step % config.val_every == 0 or trainer.step == config.steps:
+            metrics.update({f"val_{k}": v for k, v in trainer.validate().items()})
+            logged = True
+        if trainer.step % config.checkpoint_every == 0 or trainer.step == config.steps:
+            trainer.save_checkpoint()
+        if logged:
+            logger.info("%s step %d/%d %s", stage, trainer.step, config.steps, metrics)
+            trainer.run_folder.append_metrics(metrics)
+            report(metrics)
+    if trainer.writer is not None:
+        trainer.writer.flush()
+    return metrics

@@ -28,10 +28,11 @@ from infra.errors import ConfigError
 from training.run import (
     META_FILE,
     RunFolder,
-    StepBatches,
     check_release_pin,
     release_pin,
+    step_batches,
     step_generator,
+    train_loop,
 )
 from training.stage1.config import Stage1Config
 from training.stage1.data import Stage1Batch, Stage1Data
@@ -108,7 +109,7 @@ class Stage1Trainer:
 
     def train_step(self, batch: Stage1Batch | None = None) -> float:
         """One optimizer step on this step's batch (read here unless a prefetching loader passes it)."""
-        batch = (batch or self._step_batches()[self.step]).to(self.device)
+        batch = (batch or step_batches(self)[self.step]).to(self.device)
         loss = self.flow_loss(batch, self._generator("train"))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -126,13 +127,6 @@ class Stage1Trainer:
 
     def _generator(self, purpose: str) -> torch.Generator:
         return step_generator(self.config.seed, self.step, self.rank, purpose)
-
-    def _step_batches(self) -> StepBatches:
-        config = self.config
-        return StepBatches(
-            self.train_data, steps=config.steps, batch_size=config.batch_size, seed=config.seed, rank=self.rank,
-            world_size=self.world_size,
-        )  # fmt: skip
 
     # -- evaluation ---------------------------------------------------------------------------------------------
 
@@ -172,21 +166,7 @@ class Stage1Trainer:
 
     def run(self, report: Callable[[dict[str, Any]], None] = lambda metrics: None) -> dict[str, Any]:
         """Train up to `config.steps`, validating, checkpointing and reporting on the way."""
-        config, metrics = self.config, {}
-        for batch in self._step_batches().loader(self.step, config.data_workers):
-            loss = self.train_step(batch)
-            metrics = {"step": self.step, "loss": loss}
-            if self.step % config.val_every == 0 or self.step == config.steps:
-                metrics.update({f"val_{k}": v for k, v in self.validate().items()})
-            if self.step % config.checkpoint_every == 0 or self.step == config.steps:
-                self.save_checkpoint()
-            if self.step % config.log_every == 0 or len(metrics) > 2:
-                logger.info("stage1 step %d/%d %s", self.step, config.steps, metrics)
-                self.run_folder.append_metrics(metrics)
-                report(metrics)
-        if self.writer is not None:
-            self.writer.flush()
-        return metrics
+        return train_loop(self, "stage1", lambda batch: {"loss": self.train_step(batch)}, report)
 
     # -- checkpoints --------------------------------------------------------------------------------------------
 

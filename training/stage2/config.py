@@ -23,8 +23,6 @@ class Stage2Config(TrainingConfig):
     val_every: int = 1000
     checkpoint_every: int = 1000
     model: Stage2ModelConfig = dataclasses.field(default_factory=Stage2ModelConfig)
-    with_bc_slat: bool = False
-    """Feed the BC-SLAT beside the LH-SLAT (the decoder's input widens to 16 channels)."""
     env_maps: tuple[str, ...] = ()
     """Folders of the environment maps the release was rendered with; empty: the maps bpy ships."""
     held_out_env_maps: tuple[str, ...] = ()
@@ -41,17 +39,12 @@ class Stage2Config(TrainingConfig):
         super().__post_init__()
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.model.decoder.with_bc_slat != self.with_bc_slat:
-            raise ConfigError(f"with_bc_slat={self.with_bc_slat} needs model.decoder.with_bc_slat={self.with_bc_slat}")
 
     @classmethod
     def nested(cls, data: dict[str, Any]) -> dict[str, Any]:
         data = dict(data)
-        if isinstance(data.get("model"), dict) or data.get("with_bc_slat"):
-            model = dict(data.get("model") or {})
-            if "with_bc_slat" in data:
-                model["decoder"] = {**model.get("decoder", {}), "with_bc_slat": data["with_bc_slat"]}
-            data["model"] = Stage2ModelConfig.from_dict(model)
+        if isinstance(data.get("model"), dict):
+            data["model"] = Stage2ModelConfig.from_dict(data["model"])
         if isinstance(data.get("losses"), dict):
             data["losses"] = LossWeights.from_dict(coerce_floats(LossWeights, data["losses"]))
         for key in ("env_maps", "held_out_env_maps"):

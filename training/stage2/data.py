@@ -46,9 +46,8 @@ class Stage2Data:
         assets = release.split(split)
         if not assets:
             raise ValueError(f"release {release.info['name']!r} has no {split!r} samples")
-        self.frames = [frame for asset in assets for frame in self._frames(asset)]
         self.frames = [
-            f for f in self.frames
+            f for asset in assets for f in self._frames(asset)
             if f.env_map not in without_env_maps and (only_env_maps is None or f.env_map in only_env_maps)
         ]  # fmt: skip
         if not self.frames:

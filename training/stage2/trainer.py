@@ -20,7 +20,15 @@ from torch import Tensor
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from catalogs.release_reader import Release
-from training.run import META_FILE, RunFolder, StepBatches, check_release_pin, release_pin, step_generator
+from training.run import (
+    META_FILE,
+    RunFolder,
+    check_release_pin,
+    release_pin,
+    step_batches,
+    step_generator,
+    train_loop,
+)
 from training.stage2.agx import AgX
 from training.stage2.config import Stage2Config
 from training.stage2.data import Stage2Data
@@ -55,7 +63,7 @@ class Stage2Trainer:
         self.env_maps = EnvMapStore(folders, config.model.tokenizer.map_size)
         held_out = {self.env_maps.digest_of(name) for name in config.held_out_env_maps}
         self.train_data = Stage2Data(
-            self.release, "train", self.env_maps, with_bc_slat=config.with_bc_slat, without_env_maps=held_out
+            self.release, "train", self.env_maps, with_bc_slat=config.model.decoder.with_bc_slat, without_env_maps=held_out
         )
         self.normalization = self.train_data.normalization
         self.val_sets: dict[
@@ -94,7 +102,7 @@ class Stage2Trainer:
 
     def _data(self, split: str, **selection: Any) -> Stage2Data:
         return Stage2Data(
-            self.release, split, self.env_maps, with_bc_slat=self.config.with_bc_slat,
+            self.release, split, self.env_maps, with_bc_slat=self.config.model.decoder.with_bc_slat,
             normalization=self.normalization, **selection,
         )  # fmt: skip
 
@@ -120,7 +128,7 @@ class Stage2Trainer:
 
     def train_step(self, batch: tuple[Stage2Inputs, Stage2Target] | None = None) -> dict[str, float]:
         """One optimizer step on this step's batch (read here unless a prefetching loader passes it)."""
-        inputs, target = batch or self._step_batches()[self.step]
+        inputs, target = batch or step_batches(self)[self.step]
         inputs, target = inputs.to(self.device), target.to(self.device)
         render = self.render(inputs)
         losses = stage2_losses(
@@ -147,13 +155,6 @@ class Stage2Trainer:
                     "train/grid", image_grid(self.agx, render, target), self.step, dataformats="HWC"
                 )
         return values
-
-    def _step_batches(self) -> StepBatches:
-        config = self.config
-        return StepBatches(
-            self.train_data, steps=config.steps, batch_size=config.batch_size, seed=config.seed, rank=self.rank,
-            world_size=self.world_size,
-        )  # fmt: skip
 
     # -- evaluation ---------------------------------------------------------------------------------------------
 
@@ -199,27 +200,12 @@ class Stage2Trainer:
 
     def run(self, report: Callable[[dict[str, Any]], None] = lambda metrics: None) -> dict[str, Any]:
         """Train up to `config.steps`, validating, checkpointing and reporting on the way."""
-        config, metrics = self.config, {}
-        for batch in self._step_batches().loader(self.step, config.data_workers):
+
+        def metrics(batch: tuple[Stage2Inputs, Stage2Target]) -> dict[str, float]:
             losses = self.train_step(batch)
-            metrics = {
-                "step": self.step,
-                "loss": losses["total"],
-                **{f"loss_{k}": v for k, v in losses.items() if k != "total"},
-            }
-            logged = self.step % config.log_every == 0
-            if self.step % config.val_every == 0 or self.step == config.steps:
-                metrics.update({f"val_{k}": v for k, v in self.validate().items()})
-                logged = True
-            if self.step % config.checkpoint_every == 0 or self.step == config.steps:
-                self.save_checkpoint()
-            if logged:
-                logger.info("stage2 step %d/%d %s", self.step, config.steps, metrics)
-                self.run_folder.append_metrics(metrics)
-                report(metrics)
-        if self.writer is not None:
-            self.writer.flush()
-        return metrics
+            return {"loss": losses.pop("total"), **{f"loss_{k}": v for k, v in losses.items()}}
+
+        return train_loop(self, "stage2", metrics, report)
 
     # -- checkpoints --------------------------------------------------------------------------------------------
 
