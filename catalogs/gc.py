@@ -3,7 +3,9 @@
 Such folders come from a writer that died between writing its pack and committing its rows (or while
 writing, as `.tmp-*`). They are deleted only after a grace period, so a batch still on its way to its commit
 is never touched. Committed rows are facts and are never removed, so nothing a release names is ever garbage;
-the tagged `samples` snapshots and the release manifests on disk are checked as well.
+the tagged `samples` snapshots and the release manifests on disk are checked as well. What counts as proof of
+"unreferenced" is only the registry of this very root: `FactoryCatalog` refuses a catalog that is not the
+root's own (another root's, an empty one), and gc refuses when a manifest cannot be read.
 """
 
 import dataclasses
@@ -12,15 +14,12 @@ import time
 
 import pyarrow.parquet as pq
 
+from catalogs.errors import GcRefused
 from catalogs.release_reader import MANIFEST_FILE
 from catalogs.releases import TAG_PREFIX
 from catalogs.tables import FactoryCatalog
 
 DEFAULT_GRACE_S = 7 * 24 * 3600.0
-
-
-class GcRefused(RuntimeError):
-    """What is live cannot be established, so nothing may be deleted."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +71,7 @@ def collect_garbage(catalog: FactoryCatalog, garbage: list[Garbage]) -> int:
     freed = 0
     for item in garbage:
         if item.pack_path in live:
-            raise RuntimeError(f"{item.pack_path} became referenced after it was listed; not deleting it")
+            raise GcRefused(f"{item.pack_path} became referenced after it was listed; not deleting it")
         shutil.rmtree(catalog.data_root / item.pack_path)
         freed += item.size_bytes
     return freed

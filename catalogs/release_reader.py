@@ -5,7 +5,8 @@
                                                    content digest; sorted by sample_id, role
 
 The manifest's sha256 is checked on open (against release.json and, when given, the caller's pin); packs are
-opened lazily and one asset's role is one slice per array.
+opened lazily and one asset's role is one slice per array. A damaged record, manifest or pack raises a typed
+error that names the file (`catalogs.errors`), never a traceback from deep inside pyarrow or zarr.
 """
 
 import collections
@@ -18,23 +19,43 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import zarr
 
+from catalogs.errors import ReleaseIntegrityError, ReleaseNotFound, check_release_name
 from catalogs.keys import sha256_file
-from catalogs.packs import ArraySlice, content_digest, open_pack_array
+from catalogs.packs import ArraySlice, PackReader
 
 RELEASE_FILE = "release.json"
 MANIFEST_FILE = "manifest.parquet"
-OPEN_ARRAYS = 256
-"""Pack arrays kept open per reader (an LRU)."""
-
-
-class ReleaseIntegrityError(RuntimeError):
-    """The release on disk is not the one pinned: a changed manifest, a wrong pin, a bad digest."""
+RECORD_FIELDS = ("name", "manifest", "manifest_sha256", "snapshot_id", "roles", "num_rows", "num_samples", "splits")
+"""Fields every release.json has; a missing or null one is damage."""
+MANIFEST_COLUMNS = ("sample_id", "split", "role", "step", "artifact_key", "pack_path", "arrays", "content_digest")
+OPEN_PACKS = 64
+"""Packs kept open per reader (an LRU)."""
 
 
 def release_dir(data_root: str | os.PathLike[str], name: str) -> Path:
-    return Path(data_root) / "releases" / name
+    return Path(data_root) / "releases" / check_release_name(name)
+
+
+def read_record(folder: Path) -> dict:
+    """A release folder's release.json, with every field of RECORD_FIELDS present and not null.
+
+    Raises:
+        ReleaseIntegrityError: not JSON, not an object, or a field missing or null.
+    """
+    path = folder / RELEASE_FILE
+    try:
+        info = json.loads(path.read_bytes())
+    except (OSError, ValueError) as err:
+        raise ReleaseIntegrityError(f"{path} is unreadable: {type(err).__name__}: {err}") from err
+    if not isinstance(info, dict):
+        raise ReleaseIntegrityError(f"{path} holds a {type(info).__name__}, not a release record")
+    missing = [field for field in RECORD_FIELDS if info.get(field) is None]
+    if missing:
+        raise ReleaseIntegrityError(f"{path} is damaged: {', '.join(missing)} missing or null")
+    if info["name"] != folder.name:
+        raise ReleaseIntegrityError(f"{path} names release {info['name']!r}, but lies in folder {folder.name!r}")
+    return info
 
 
 @dataclasses.dataclass
@@ -45,7 +66,7 @@ class Release:
     info: dict
     manifest: pa.Table
     _rows: dict[tuple[str, str], int] = dataclasses.field(init=False, repr=False)
-    _arrays: collections.OrderedDict = dataclasses.field(init=False, repr=False, default_factory=collections.OrderedDict)
+    _packs: collections.OrderedDict = dataclasses.field(init=False, repr=False, default_factory=collections.OrderedDict)
 
     def __post_init__(self) -> None:
         pairs = zip(self.manifest["sample_id"].to_pylist(), self.manifest["role"].to_pylist())
@@ -53,15 +74,31 @@ class Release:
 
     @classmethod
     def open(cls, data_root: str | os.PathLike[str], name: str, expected_sha256: str | None = None) -> "Release":
+        """Raises:
+        InvalidReleaseName: `name` is not one plain path component (`../x`, `/abs`, `.hidden`).
+        ReleaseNotFound: no published release of that name (no release.json).
+        ReleaseIntegrityError: a damaged record or manifest, or a manifest that is not the one recorded or pinned.
+        """
         folder = release_dir(data_root, name)
         if not (folder / RELEASE_FILE).is_file():
-            raise FileNotFoundError(f"no release {name!r} under {Path(data_root) / 'releases'}")
-        info = json.loads((folder / RELEASE_FILE).read_text())
-        actual = sha256_file(folder / MANIFEST_FILE)
+            raise ReleaseNotFound(f"no release {name!r} under {Path(data_root) / 'releases'}")
+        info = read_record(folder)
+        path = folder / MANIFEST_FILE
+        try:
+            actual = sha256_file(path)
+        except OSError as err:
+            raise ReleaseIntegrityError(f"{path} is unreadable: {err}") from err
         for pinned, source in ((info["manifest_sha256"], RELEASE_FILE), (expected_sha256, "the caller's pin")):
             if pinned is not None and actual != pinned:
                 raise ReleaseIntegrityError(f"release {name!r}: manifest sha256 {actual} does not match {source} ({pinned})")
-        return cls(Path(data_root), info, pq.read_table(folder / MANIFEST_FILE))
+        try:
+            manifest = pq.read_table(path)
+        except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+            raise ReleaseIntegrityError(f"{path} is not a readable parquet file: {err}") from err
+        missing = sorted(set(MANIFEST_COLUMNS) - set(manifest.column_names))
+        if missing:
+            raise ReleaseIntegrityError(f"{path} lacks the columns {missing}")
+        return cls(Path(data_root), info, manifest)
 
     @property
     def sample_ids(self) -> list[str]:
@@ -75,19 +112,21 @@ class Release:
         self, sample_id: str, role: str, *, names: tuple[str, ...] | None = None, verify: bool = False
     ) -> dict[str, np.ndarray]:
         """One sample's arrays of one role (for example `slat_lh`), or only those in `names`: one slice per array.
-        `verify` checks the content digest, which needs every array."""
-        if verify and names is not None:
-            raise ValueError("verify needs every array of the role; leave names unset")
+
+        Every chunk read is checked (present, checksum); `verify` also checks the content digest, which reads
+        every array of the role. Packs without chunk checksums are always digest-checked.
+
+        Raises:
+            DamagedPackError: a chunk the read needs is missing or undecodable, or the digest does not match.
+        """
         row = self._row(sample_id, role)
-        arrays = {}
-        for item in row["arrays"]:
-            a = ArraySlice.from_dict(item)
-            if names is not None and a.name not in names:
-                continue
-            arrays[a.name] = self._array(row["pack_path"], a.name)[a.row_start : a.row_start + a.row_count]
-        if verify and content_digest(arrays) != row["content_digest"]:
-            raise ReleaseIntegrityError(f"{sample_id}/{role}: content digest mismatch in {row['pack_path']}")
-        return arrays
+        pack = self._pack(row["pack_path"])
+        slices = [ArraySlice.from_dict(item) for item in row["arrays"]]
+        verify = verify or not pack.is_checked
+        if names is not None and not verify:
+            slices = [a for a in slices if a.name in names]
+        arrays = pack.read(slices, where=f"{sample_id}/{role}", digest=row["content_digest"] if verify else None)
+        return arrays if names is None else {name: arrays[name] for name in names if name in arrays}
 
     def read_row(self, sample_id: str, role: str, name: str, index: int) -> np.ndarray:
         """Row `index` of one array of a sample's role (one view or frame), reading only its own chunk."""
@@ -97,7 +136,10 @@ class Release:
             if a.name == name:
                 if not 0 <= index < a.row_count:
                     raise IndexError(f"{sample_id}/{role}/{name} has {a.row_count} rows, asked for row {index}")
-                return self._array(row["pack_path"], name)[a.row_start + index]
+                pack = self._pack(row["pack_path"])
+                if not pack.is_checked:
+                    return self.read(sample_id, role)[name][index]
+                return pack.rows(a, a.row_start + index, where=f"{sample_id}/{role}")
         raise KeyError(f"{sample_id}/{role} has no array {name!r}")
 
     def _row(self, sample_id: str, role: str) -> dict:
@@ -106,12 +148,12 @@ class Release:
         except KeyError:
             raise KeyError(f"release {self.info['name']!r} has no ({sample_id!r}, {role!r})") from None
 
-    def _array(self, pack_path: str, name: str) -> zarr.Array:
-        key = (pack_path, name)
-        if key in self._arrays:
-            self._arrays.move_to_end(key)
+    def _pack(self, pack_path: str) -> PackReader:
+        if pack_path in self._packs:
+            self._packs.move_to_end(pack_path)
         else:
-            self._arrays[key] = open_pack_array(self.data_root, pack_path, name)
-            if len(self._arrays) > OPEN_ARRAYS:
-                self._arrays.popitem(last=False)
-        return self._arrays[key]
+            self._packs[pack_path] = PackReader(self.data_root, pack_path)
+            if len(self._packs) > OPEN_PACKS:
+                self._packs.popitem(last=False)
+        return self._packs[pack_path]
+

@@ -1,9 +1,12 @@
 """Make a release: select samples, overwrite `samples`, tag the snapshot, export the pinned manifest.
 
-Order (bytes, then rows, then the release): the `samples` snapshot is committed and tagged `rel-<name>`,
-the manifest is written to a temporary file and linked into place exclusively, and `release.json` (the commit
-point: readers require it) is linked last, exclusively, so a name can never be silently reused. A crash
-before `release.json` leaves no release; retrying the same name then replaces only the unpublished pieces.
+Order (bytes, then rows, then the release): the manifest is written (through a temporary file), the `samples`
+snapshot is committed with the digest of the whole release record in its summary and tagged `rel-<name>`, and
+`release.json` (the commit point: readers require it) is linked last, exclusively, so a name can never be
+silently reused. A crash before `release.json` leaves no release; retrying the same name then replaces only the
+unpublished pieces. The catalog's tagged snapshot is the witness `verify` checks a release against: its rows
+are the manifest's, and its `release_digest` covers every field of release.json but the snapshot's own id and
+metadata file (`record_digest`).
 """
 
 import collections
@@ -20,16 +23,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from catalogs.keys import StepGraph, package_version, sha256_file
+from catalogs.errors import CatalogError, ReleaseExistsError, check_release_name
+from catalogs.keys import StepGraph, digest, package_version, sha256_file
 from catalogs.planner import target_keys
 from catalogs.release_reader import MANIFEST_FILE, RELEASE_FILE, release_dir
 from catalogs.tables import SCHEMAS, FactoryCatalog, utc_now
 
 TAG_PREFIX = "rel-"
-
-
-class ReleaseExistsError(FileExistsError):
-    """A release of this name was already published."""
+SNAPSHOT_FIELDS = ("snapshot_id", "metadata_location")
+"""Fields of release.json known only once the snapshot exists, so outside `record_digest`."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,10 +49,14 @@ class ReleaseSpec:
     """Human-readable description of `where`, recorded in release.json."""
 
     def __post_init__(self) -> None:
-        if not self.name or "/" in self.name or self.name.startswith("."):
-            raise ValueError(f"invalid release name {self.name!r}")
+        check_release_name(self.name)
         if not self.roles:
             raise ValueError("a release needs at least one role")
+
+
+def record_digest(record: Mapping) -> str:
+    """The digest a release's tagged snapshot carries: every field of release.json but SNAPSHOT_FIELDS."""
+    return digest({key: value for key, value in record.items() if key not in SNAPSHOT_FIELDS})
 
 
 def split_of(sample_id: str, val_percent: int) -> str:
@@ -93,33 +99,34 @@ def create_release(catalog: FactoryCatalog, graph: StepGraph, spec: ReleaseSpec)
         raise ReleaseExistsError(f"release {spec.name!r} already exists ({folder / RELEASE_FILE}); pick a new name")
     samples = select_samples(catalog, graph, spec)
     if not samples.num_rows:
-        raise ValueError(f"release {spec.name!r} would be empty: no source has ok artifacts for every role {dict(spec.roles)}")
+        raise CatalogError(f"release {spec.name!r} would be empty: no source has ok artifacts for every role {dict(spec.roles)}")
     role_specs = {role: {"step": step, "spec_hash": graph.spec_hashes[step]} for role, step in sorted(spec.roles.items())}
-    table = catalog.table("samples")
     artifacts_snapshot = catalog.table("artifacts").current_snapshot()
     sources_snapshot = catalog.table("sources").current_snapshot()
-    with warnings.catch_warnings():  # overwriting an empty table "matches no records": expected, not news
-        warnings.filterwarnings("ignore", "Delete operation did not match any records")
-        table.overwrite(samples, snapshot_properties={"release": spec.name, "spec_hashes": json.dumps(role_specs, sort_keys=True)})
-    table = catalog.table("samples")
-    snapshot_id = table.current_snapshot().snapshot_id
-    tag = TAG_PREFIX + spec.name
-    if tag in table.refs():  # left by a crashed attempt that never published release.json
-        table.manage_snapshots().remove_tag(tag).commit()
-    table.manage_snapshots().create_tag(snapshot_id, tag).commit()
-
     folder.mkdir(parents=True, exist_ok=True)
     manifest_sha256 = _publish_exclusive(folder / MANIFEST_FILE, lambda path: pq.write_table(samples, path), replace_unpublished=True)
+    tag = TAG_PREFIX + spec.name
     record = {
-        "name": spec.name, "table": "factory.samples", "tag": tag, "metadata_location": table.metadata_location,
-        "snapshot_id": snapshot_id, "manifest": MANIFEST_FILE, "manifest_sha256": manifest_sha256,
-        "num_rows": samples.num_rows, "num_samples": len(set(samples["sample_id"].to_pylist())),
-        "splits": _split_counts(samples), "roles": role_specs, "selection": spec.selection,
-        "val_percent": spec.val_percent,
+        "name": spec.name, "table": "factory.samples", "tag": tag, "manifest": MANIFEST_FILE,
+        "manifest_sha256": manifest_sha256, "num_rows": samples.num_rows,
+        "num_samples": len(set(samples["sample_id"].to_pylist())), "splits": _split_counts(samples), "roles": role_specs,
+        "selection": spec.selection, "val_percent": spec.val_percent,
         "artifacts_snapshot_id": artifacts_snapshot.snapshot_id if artifacts_snapshot else None,
         "sources_snapshot_id": sources_snapshot.snapshot_id if sources_snapshot else None,
         "code_version": package_version(), "created_at": utc_now().isoformat(),
     }
+    table = catalog.table("samples")
+    properties = {"release": spec.name, "spec_hashes": json.dumps(role_specs, sort_keys=True),
+                  "release_digest": record_digest(record)}
+    with warnings.catch_warnings():  # overwriting an empty table "matches no records": expected, not news
+        warnings.filterwarnings("ignore", "Delete operation did not match any records")
+        table.overwrite(samples, snapshot_properties=properties)
+    table = catalog.table("samples")
+    snapshot_id = table.current_snapshot().snapshot_id
+    if tag in table.refs():  # left by a crashed attempt that never published release.json
+        table.manage_snapshots().remove_tag(tag).commit()
+    table.manage_snapshots().create_tag(snapshot_id, tag).commit()
+    record.update(snapshot_id=snapshot_id, metadata_location=table.metadata_location)
     try:
         _publish_exclusive(folder / RELEASE_FILE, lambda path: Path(path).write_text(json.dumps(record, indent=1)))
     except FileExistsError:

@@ -8,6 +8,10 @@
 The SQL catalog's compare-and-swap on the metadata pointer makes every commit atomic; a commit that loses
 the race is retried on the refreshed table. By default the catalog is an SQLite file beside the data;
 any SQLAlchemy URI (Postgres) serves several hosts.
+
+Every location the catalog writes is `near-root:///<path in the root>`, which `RootFileIO` resolves against the
+data root this process opened: the root is relocatable (`catalogs.data_root`). The `factory` namespace records
+the root's id, and an open refuses a catalog that is not its root's. A read-only open writes nothing at all.
 """
 
 import collections
@@ -24,18 +28,35 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 from pyiceberg.catalog.sql import SqlCatalog
-from pyiceberg.exceptions import CommitFailedException
+from pyiceberg.exceptions import (
+    CommitFailedException,
+    NamespaceAlreadyExistsError,
+    NoSuchNamespaceError,
+    NoSuchTableError,
+    TableAlreadyExistsError,
+)
 from pyiceberg.expressions import AlwaysTrue
-from pyiceberg.table import Table
+from pyiceberg.io.pyarrow import PyArrowFileIO
+from pyiceberg.table import StaticTable, Table
+from pyiceberg.typedef import EMPTY_DICT, Properties
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
+from catalogs.data_root import DataRoot
+from catalogs.errors import CatalogError, CatalogMismatch, StaleVersionError
 from catalogs.keys import StepSpec, implementation_fingerprint, package_version
 
 logger = logging.getLogger(__name__)
 
 NAMESPACE = "factory"
+CATALOG_FILE = "catalog.db"
 COMMIT_ATTEMPTS = 20
-
+ROOT_URI = "near-root:///"
+"""Prefix of every location the catalog stores: a path relative to the data root."""
+ROOT_PATH_PROPERTY = "near.data-root"
+"""FileIO property: where this process finds the data root (never stored)."""
+ROOT_ID_PROPERTY = "near.root-id"
+"""Namespace property: the id of the data root the catalog belongs to."""
 _TIMESTAMP = pa.timestamp("us", tz="UTC")
 _ARRAY_SLICE = pa.struct([("name", pa.string()), ("row_start", pa.int64()), ("row_count", pa.int64()),
                           ("shape", pa.list_(pa.int32())), ("dtype", pa.string())])
@@ -79,32 +100,114 @@ SCHEMAS: dict[str, pa.Schema] = {
 STATUSES = ("ok", "failed", "skipped_invalid")
 
 
-class StaleVersionError(RuntimeError):
-    """A step's code changed but its explicit version did not."""
-
-
 def utc_now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
 
+class RootFileIO(PyArrowFileIO):
+    """pyiceberg's Arrow file IO, with `near-root:///<path>` resolved against the data root of this process."""
+
+    @staticmethod
+    def parse_location(location: str, properties: Properties = EMPTY_DICT) -> tuple[str, str, str]:
+        if location.startswith(ROOT_URI):
+            return "file", "", os.path.join(properties[ROOT_PATH_PROPERTY], location.removeprefix(ROOT_URI))
+        return PyArrowFileIO.parse_location(location, properties)
+
+
+def io_properties(data_root: str | os.PathLike[str]) -> dict[str, str]:
+    """What a pyiceberg catalog or static table needs to read and write `near-root:` locations of this root."""
+    return {"py-io-impl": f"{__name__}.{RootFileIO.__name__}", ROOT_PATH_PROPERTY: str(Path(data_root).absolute())}
+
+
+def static_table(data_root: str | os.PathLike[str], metadata_location: str) -> StaticTable:
+    """A table read from its metadata file alone (no catalog), e.g. a release's `metadata_location`."""
+    return StaticTable.from_metadata(metadata_location, properties=io_properties(data_root))
+
+
 class FactoryCatalog:
-    """The four tables of one data root. Tensors live in packs under `data_root`; tables under `warehouse/`."""
+    """The four tables of one data root. Tensors live in packs under `data_root`; tables under `warehouse/`.
 
-    def __init__(self, data_root: str | os.PathLike[str], uri: str | None = None) -> None:
-        self.data_root = Path(data_root).resolve()
-        self.data_root.mkdir(parents=True, exist_ok=True)
-        self.uri = uri or f"sqlite:///{self.data_root / 'catalog.db'}"
-        if self.uri.startswith("sqlite:"):
-            _refuse_network_filesystem(self.data_root)
-        self._catalog = SqlCatalog("near", uri=self.uri, warehouse=(self.data_root / "warehouse").as_uri())
-        self._tables: dict[str, Table] = {}
-        _retry(lambda: self._catalog.create_namespace_if_not_exists(NAMESPACE), "create namespace")
+    `read_only` opens an existing root and catalog and writes nothing (not even SQLite's own tables); otherwise
+    a missing root is created and an empty catalog initialised for it.
+
+    Raises:
+        NotADataRoot: `read_only` and the folder is not a data root.
+        CatalogMismatch: the catalog belongs to another root, is empty while the root holds data, or (a legacy
+            root) keeps its tables outside the root.
+    """
+
+    def __init__(self, data_root: str | os.PathLike[str], uri: str | None = None, *, read_only: bool = False) -> None:
+        root = DataRoot.open(data_root) if read_only else DataRoot.create(data_root)
+        self.data_root, self.read_only = root.path, read_only
+        self.uri = uri or f"sqlite:///{self.data_root / CATALOG_FILE}"
+        self._catalog = _sql_catalog(self.uri, self.data_root, read_only)
+        self.root_id = self._check_owner(root)
+        self._tables: dict[str, Table] = {name: self._load(name) for name in SCHEMAS}
+
+    def _check_owner(self, root: DataRoot) -> str | None:
+        """The root id this catalog and root share (None: a legacy root proven by its tables' locations)."""
+        try:
+            recorded = self._catalog.load_namespace_properties(NAMESPACE)
+        except (NoSuchNamespaceError, OperationalError):  # OperationalError: read-only, no catalog tables at all
+            return self._initialise(root)
+        catalog_id = recorded.get(ROOT_ID_PROPERTY)
+        if catalog_id is not None:
+            if catalog_id != root.root_id:
+                raise CatalogMismatch(
+                    f"catalog {self.uri} belongs to data root {catalog_id}, but {root.path} is "
+                    f"{root.root_id or 'a root without an id'}: pass this root's own catalog"
+                )
+            return catalog_id
+        self._check_legacy_locations()
+        if self.read_only:
+            return root.root_id
+        root = root if root.root_id else root.with_new_id()
+        self._catalog.update_namespace_properties(NAMESPACE, updates={ROOT_ID_PROPERTY: root.root_id})
+        logger.info("data root %s adopted its catalog %s as root %s", root.path, self.uri, root.root_id)
+        return root.root_id
+
+    def _initialise(self, root: DataRoot) -> str:
+        """Start an empty catalog for `root`: only for a root whose packs and releases it cannot be missing."""
+        if self.read_only:
+            raise CatalogMismatch(f"catalog {self.uri} holds no factory tables: it is not the catalog of {root.path}")
+        if root.holds_data():
+            raise CatalogMismatch(
+                f"{root.path} holds packs or releases that catalog {self.uri} does not know: it is not this root's "
+                f"catalog (a new one would take every committed pack for an orphan)"
+            )
+        root = root if root.root_id else root.with_new_id()
+        try:
+            _retry(lambda: self._catalog.create_namespace(NAMESPACE, {ROOT_ID_PROPERTY: root.root_id}), "create namespace")
+        except NamespaceAlreadyExistsError:  # another process initialised it meanwhile
+            return self._check_owner(root)
+        return root.root_id
+
+    def _check_legacy_locations(self) -> None:
+        """A catalog made before root ids stores absolute locations: it is this root's only if they lie in it."""
+        inside = (self.data_root / "warehouse").as_uri() + "/"
         for name in SCHEMAS:
-            self._tables[name] = _retry(lambda name=name: self._create(name), f"create table {name}")
+            try:
+                location = self._catalog.load_table(f"{NAMESPACE}.{name}").metadata_location
+            except NoSuchTableError:
+                continue
+            if not location.startswith(inside):
+                raise CatalogMismatch(
+                    f"catalog {self.uri} keeps table {name} at {location}, outside {self.data_root}: it belongs to "
+                    f"another root, or this root was moved, which roots made before root ids cannot be"
+                )
 
-    def _create(self, name: str) -> Table:
-        table = self._catalog.create_table_if_not_exists(f"{NAMESPACE}.{name}", schema=SCHEMAS[name])
-        if name == "artifacts" and not table.spec().fields:
+    def _load(self, name: str) -> Table:
+        identifier = f"{NAMESPACE}.{name}"
+        try:
+            return self._catalog.load_table(identifier)
+        except NoSuchTableError:
+            if self.read_only:
+                raise CatalogMismatch(f"catalog {self.uri} has no table {identifier}") from None
+        try:
+            table = _retry(lambda: self._catalog.create_table(identifier, schema=SCHEMAS[name]), f"create {name}")
+        except TableAlreadyExistsError:  # another process created it meanwhile
+            return self._catalog.load_table(identifier)
+        if name == "artifacts":
             table.update_spec().add_identity("step").commit()
         return table
 
@@ -122,6 +225,8 @@ class FactoryCatalog:
 
     def append(self, name: str, rows: pa.Table, properties: Mapping[str, str] | None = None) -> int:
         """Append rows in one commit (retried on conflict); returns the new snapshot id."""
+        if self.read_only:
+            raise CatalogError(f"catalog {self.uri} was opened read-only; cannot append to {name}")
         rows = rows.select(SCHEMAS[name].names).cast(SCHEMAS[name])
 
         def commit() -> int:
@@ -234,6 +339,24 @@ def _retry(operation, what: str):
     raise AssertionError("unreachable")
 
 
+def _sql_catalog(uri: str, data_root: Path, read_only: bool) -> SqlCatalog:
+    """pyiceberg's SQL catalog on `uri`; read-only: an SQLite file opened with mode=ro, no tables created."""
+    properties = {"warehouse": f"{ROOT_URI}warehouse", **io_properties(data_root)}
+    if uri.startswith("sqlite"):
+        database = Path(make_url(uri).database or "")
+        _refuse_network_filesystem(database.absolute().parent)
+        if read_only:
+            if not database.is_file():
+                raise CatalogMismatch(f"no catalog at {uri}: {database} does not exist")
+            uri = f"sqlite:///file:{database.absolute()}?mode=ro&uri=true"
+    if read_only:
+        properties["init_catalog_tables"] = "false"
+    try:
+        return SqlCatalog("near", uri=uri, **properties)
+    except OperationalError as err:
+        raise CatalogMismatch(f"cannot open catalog {uri}: {err}") from err
+
+
 def _refuse_network_filesystem(path: Path) -> None:
     """SQLite's locking is unreliable on network file systems: use a Postgres URI there."""
     try:
@@ -246,4 +369,4 @@ def _refuse_network_filesystem(path: Path) -> None:
         if len(parts) >= 3 and str(path).startswith(parts[1].rstrip("/") + "/") and len(parts[1]) > len(best):
             best, fs_type = parts[1], parts[2]
     if fs_type.startswith(("nfs", "cifs", "smb", "9p", "fuse.sshfs", "lustre")):
-        raise RuntimeError(f"{path} is on {fs_type}: an SQLite catalog there is unsafe; pass a Postgres URI instead")
+        raise CatalogError(f"{path} is on {fs_type}: an SQLite catalog there is unsafe; pass a Postgres URI instead")

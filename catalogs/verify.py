@@ -1,11 +1,26 @@
-"""Re-check what the catalog and releases promise against the bytes on disk."""
+"""Re-check what the catalog and the releases promise against the bytes and records on disk.
 
+Every check yields `Problem`s and goes on: one damaged pack, sample or release is reported by name with its
+reason, and the rest is still checked. A release is checked against its witness in the catalog, the tagged
+`samples` snapshot: same rows as the manifest, and a `release_digest` equal to the digest of release.json.
+"""
+
+import collections
 import dataclasses
+import itertools
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
-from catalogs.packs import ArraySlice, content_digest, read_asset
-from catalogs.release_reader import Release
-from catalogs.tables import FactoryCatalog
+import pyarrow as pa
+
+from catalogs.errors import CatalogError, DamagedPackError
+from catalogs.packs import ArraySlice, PackReader
+from catalogs.release_reader import RELEASE_FILE, Release
+from catalogs.releases import TAG_PREFIX, record_digest, split_of
+from catalogs.tables import SCHEMAS, FactoryCatalog
+
+SHOWN_DIFFERENCES = 3
+"""Differing manifest rows named per release; the rest are counted."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -14,30 +29,109 @@ class Problem:
     what: str
 
 
-def verify_release(release: Release, on_row: Callable[[], None] = lambda: None) -> Iterator[Problem]:
-    """Every (sample, role) of an opened release (its manifest sha256 was checked on open): pack present,
-    content digest equal to the one recorded."""
-    for row in release.manifest.select(["sample_id", "role", "pack_path", "arrays", "content_digest"]).to_pylist():
-        where = f"{row['sample_id']}/{row['role']}"
-        yield from _check(release.data_root, where, row)
-        on_row()
-
-
 def verify_catalog(catalog: FactoryCatalog, *, deep: bool = False, on_row: Callable[[], None] = lambda: None) -> Iterator[Problem]:
-    """Every `ok` artifact: its pack exists; with `deep`, its bytes still hash to its content digest."""
+    """Every `ok` artifact: its pack exists; with `deep`, its chunks decode (checksums) and hash to its digest."""
     rows = catalog.ok_artifacts().select(["artifact_key", "step", "asset_id", "pack_path", "arrays", "content_digest"])
-    for row in rows.to_pylist():
-        yield from _check(catalog.data_root, f"{row['step']}/{row['asset_id']}", row, deep=deep)
-        on_row()
+    yield from _check_rows(catalog.data_root, rows.sort_by("pack_path").to_pylist(), deep, on_row,
+                           where=lambda row: f"{row['step']}/{row['asset_id']}")
 
 
-def _check(data_root, where: str, row: dict, *, deep: bool = True) -> Iterator[Problem]:
-    """The row's pack exists and, when `deep`, its bytes still hash to the recorded digest."""
-    if not (data_root / row["pack_path"]).is_dir():
-        yield Problem(where, f"pack {row['pack_path']} is missing")
+def verify_release(release: Release, on_row: Callable[[], None] = lambda: None) -> Iterator[Problem]:
+    """Every (sample, role) of an opened release (its manifest sha256 was checked on open): pack present, chunks
+    decodable, content digest equal to the one recorded."""
+    rows = release.manifest.select(["sample_id", "role", "pack_path", "arrays", "content_digest"])
+    yield from _check_rows(release.data_root, rows.sort_by("pack_path").to_pylist(), True, on_row,
+                           where=lambda row: f"{row['sample_id']}/{row['role']}")
+
+
+def verify_release_record(catalog: FactoryCatalog, release: Release) -> Iterator[Problem]:
+    """The release against the catalog's tagged snapshot, and release.json against the manifest."""
+    info = release.info
+    where = f"release {info['name']}"
+    samples = catalog.table("samples")
+    tag = TAG_PREFIX + info["name"]
+    ref = samples.refs().get(tag)
+    if ref is None:
+        yield Problem(where, f"the catalog has no tag {tag}: not a release of this catalog")
         return
-    if not deep:
-        return
-    arrays = read_asset(data_root, row["pack_path"], [ArraySlice.from_dict(a) for a in row["arrays"]])
-    if content_digest(arrays) != row["content_digest"]:
-        yield Problem(where, f"content digest mismatch in {row['pack_path']}")
+    if ref.snapshot_id != info["snapshot_id"]:
+        yield Problem(where, f"release.json names snapshot {info['snapshot_id']}, the catalog's tag {ref.snapshot_id}")
+    summary = samples.snapshot_by_id(ref.snapshot_id).summary
+    recorded = summary.additional_properties.get("release_digest") if summary else None
+    if recorded is None:
+        yield Problem(where, "the tagged snapshot carries no release digest (an older release): release.json is unchecked")
+    elif recorded != record_digest(info):
+        yield Problem(where, f"{RELEASE_FILE} was changed since it was published (its digest differs from the catalog's)")
+    witness = catalog.read("samples", snapshot_id=ref.snapshot_id)
+    yield from _compare_rows(where, release.manifest, witness)
+    yield from _check_counts(where, release)
+
+
+def verify_published_releases(catalog: FactoryCatalog) -> Iterator[Problem]:
+    """Every published release of the root: it opens (record, manifest sha256) and matches the catalog."""
+    for record in sorted((catalog.data_root / "releases").glob(f"*/{RELEASE_FILE}")):
+        name = record.parent.name
+        try:
+            release = Release.open(catalog.data_root, name)
+        except CatalogError as err:
+            yield Problem(f"release {name}", str(err))
+            continue
+        yield from verify_release_record(catalog, release)
+
+
+def _check_rows(data_root: Path, rows: list[dict], deep: bool, on_row: Callable[[], None],
+                where: Callable[[dict], str]) -> Iterator[Problem]:  # fmt: skip
+    """Rows sorted by pack: each pack is opened once."""
+    for pack_path, group in itertools.groupby(rows, key=lambda row: row["pack_path"]):
+        try:
+            reader = PackReader(data_root, pack_path)
+        except DamagedPackError as err:
+            reader, damage = None, str(err)
+        for row in group:
+            if reader is None:
+                yield Problem(where(row), damage)
+            elif deep:
+                try:
+                    reader.read([ArraySlice.from_dict(a) for a in row["arrays"]], digest=row["content_digest"])
+                except DamagedPackError as err:
+                    yield Problem(where(row), str(err))
+            on_row()
+
+
+def _compare_rows(where: str, manifest: pa.Table, witness: pa.Table) -> Iterator[Problem]:
+    columns = SCHEMAS["samples"].names
+
+    def keyed(table: pa.Table) -> dict[tuple[str, str], tuple]:
+        rows = table.select(columns).to_pylist()
+        return {(r["sample_id"], r["role"]): tuple(str(r[c]) for c in columns) for r in rows}
+
+    ours, theirs = keyed(manifest), keyed(witness)
+    differing = sorted(key for key in ours.keys() | theirs.keys() if ours.get(key) != theirs.get(key))
+    if differing:
+        named = ", ".join(f"{sample}/{role}" for sample, role in differing[:SHOWN_DIFFERENCES])
+        more = f" and {len(differing) - SHOWN_DIFFERENCES} more" if len(differing) > SHOWN_DIFFERENCES else ""
+        yield Problem(where, f"the manifest differs from the catalog's tagged snapshot at {named}{more}")
+
+
+def _check_counts(where: str, release: Release) -> Iterator[Problem]:
+    """release.json's counts, splits and roles against its manifest (which the sha256 pins)."""
+    info, manifest = release.info, release.manifest
+    splits = dict(zip(manifest["sample_id"].to_pylist(), manifest["split"].to_pylist()))
+    facts = {
+        "num_rows": manifest.num_rows,
+        "num_samples": len(splits),
+        "splits": dict(collections.Counter(splits.values())),
+        "roles": sorted(set(manifest["role"].to_pylist())),
+    }
+    recorded = {**{key: info[key] for key in facts}, "roles": sorted(info["roles"])}
+    for key, value in facts.items():
+        if recorded[key] != value:
+            yield Problem(where, f"{RELEASE_FILE} says {key} = {recorded[key]}, the manifest has {value}")
+    steps = dict(zip(manifest["role"].to_pylist(), manifest["step"].to_pylist()))
+    for role, spec in info["roles"].items():
+        if role in steps and steps[role] != spec.get("step"):
+            yield Problem(where, f"role {role} is step {spec.get('step')} in {RELEASE_FILE}, {steps[role]} in the manifest")
+    if "val_percent" in info:
+        wrong = [s for s, split in splits.items() if split in ("train", "val") and split != split_of(s, info["val_percent"])]
+        if wrong:
+            yield Problem(where, f"{len(wrong)} samples are not in the split val_percent={info['val_percent']} puts them in")

@@ -1,4 +1,8 @@
-"""`near catalog log | show | diff | verify | gc`: read-mostly views of a data root's catalog and releases."""
+"""`near catalog log | show | diff | verify | gc`: views of a data root's catalog and releases.
+
+Every command but `gc --delete` is read-only: it opens an existing root and its catalog without writing a byte,
+and fails (exit 2) on a folder that is not a data root or a catalog that is not the root's.
+"""
 
 import collections
 import datetime
@@ -11,10 +15,13 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from catalogs.gc import DEFAULT_GRACE_S, GcRefused, collect_garbage, find_garbage
-from catalogs.release_reader import RELEASE_FILE, Release, ReleaseIntegrityError
+from catalogs.data_root import DataRoot
+from catalogs.errors import ReleaseIntegrityError
+from catalogs.gc import DEFAULT_GRACE_S, collect_garbage, find_garbage
+from catalogs.release_reader import RELEASE_FILE, Release, read_record
 from catalogs.tables import SCHEMAS, FactoryCatalog, resolve_status
-from catalogs.verify import verify_catalog, verify_release
+from catalogs.verify import verify_catalog, verify_published_releases, verify_release, verify_release_record
+from pipelines import scratch
 
 console = Console()
 
@@ -27,16 +34,22 @@ console = Console()
 @click.pass_context
 def catalog(ctx: click.Context, root: Path, catalog_uri: str | None) -> None:
     """Inspect, diff, verify and clean a versioned catalog."""
-    ctx.obj = {"root": root, "uri": catalog_uri}
+    ctx.obj = {"root": DataRoot.open(root).path, "uri": catalog_uri}
 
 
 def _open(ctx: click.Context) -> FactoryCatalog:
-    return FactoryCatalog(ctx.obj["root"], ctx.obj["uri"])
+    return FactoryCatalog(ctx.obj["root"], ctx.obj["uri"], read_only=True)
 
 
 def _releases(root: Path) -> list[dict]:
-    infos = [json.loads(p.read_text()) for p in (root / "releases").glob(f"*/{RELEASE_FILE}")]
-    return sorted(infos, key=lambda info: info["created_at"])
+    """Every release record under the root, oldest first; a damaged one as {"name", "damage"}."""
+    infos = []
+    for path in (root / "releases").glob(f"*/{RELEASE_FILE}"):
+        try:
+            infos.append(read_record(path.parent))
+        except ReleaseIntegrityError as err:
+            infos.append({"name": path.parent.name, "damage": str(err)})
+    return sorted(infos, key=lambda info: info.get("created_at", ""))
 
 
 @catalog.command()
@@ -60,7 +73,10 @@ def log(ctx: click.Context) -> None:
 def _print_releases(root: Path) -> None:
     table = Table("release", "created (UTC)", "samples", "splits", "roles", "manifest sha256", title="releases")
     for info in _releases(root):
-        table.add_row(info["name"], info["created_at"][:19], str(info["num_samples"]), json.dumps(info["splits"]),
+        if "damage" in info:
+            table.add_row(info["name"], "[red]damaged", "", "", "", info["damage"])
+            continue
+        table.add_row(info["name"], str(info.get("created_at", ""))[:19], str(info["num_samples"]), json.dumps(info["splits"]),
                       ", ".join(f"{r}={v['step']}" for r, v in info["roles"].items()), info["manifest_sha256"][:16])
     console.print(table)
 
@@ -121,27 +137,34 @@ def diff(ctx: click.Context, a: str, b: str) -> None:
 
 @catalog.command()
 @click.argument("release", required=False)
-@click.option("--deep", is_flag=True, help="Without RELEASE: also re-hash every artifact's bytes.")
+@click.option("--deep", is_flag=True, help="Without RELEASE: also re-read and re-hash every artifact's bytes.")
 @click.pass_context
 def verify(ctx: click.Context, release: str | None, deep: bool) -> None:
-    """Re-check digests: a release's manifest sha256 and every sample's bytes, or the catalog's packs."""
+    """Re-check a release (record and manifest against the catalog, every sample's bytes), or the whole root:
+    every committed pack (with --deep, its bytes) and every release's record. Exits 1 on any problem."""
+    cat = _open(ctx)
     if release:
         try:
-            opened = Release.open(ctx.obj["root"], release)
+            opened = Release.open(cat.data_root, release)
         except ReleaseIntegrityError as err:
-            console.print(f"[red]FAILED[/red] {err}")
+            console.print(f"[red]release {release}[/red]: {err}")
             sys.exit(1)
-        total, check = opened.manifest.num_rows, lambda on_row: verify_release(opened, on_row)
-        label = f"release {release} (manifest sha256 ok)"
+        total, label = opened.manifest.num_rows, f"release {release}"
+
+        def check(on_row):
+            yield from verify_release_record(cat, opened)
+            yield from verify_release(opened, on_row)
     else:
-        cat = _open(ctx)
-        total, check = cat.ok_artifacts().num_rows, lambda on_row: verify_catalog(cat, deep=deep, on_row=on_row)
-        label = "catalog packs" + (" and digests" if deep else "")
+        total, label = cat.ok_artifacts().num_rows, "catalog packs" + (" and bytes" if deep else "") + " and releases"
+
+        def check(on_row):
+            yield from verify_catalog(cat, deep=deep, on_row=on_row)
+            yield from verify_published_releases(cat)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task(f"verifying {label}", total=total)
         problems = list(check(lambda: bar.advance(task)))
     for p in problems:
-        console.print(f"[red]{p.where}[/red]: {p.what}")
+        console.print(f"[red]{p.where}[/red]: {p.what}", soft_wrap=True)
     console.print(f"{label}: {total} checked, {len(problems)} problems")
     sys.exit(1 if problems else 0)
 
@@ -152,19 +175,19 @@ def verify(ctx: click.Context, release: str | None, deep: bool) -> None:
 @click.option("--delete", is_flag=True, help="Delete what is listed (default: only list it).")
 @click.pass_context
 def gc(ctx: click.Context, grace_hours: float, delete: bool) -> None:
-    """List (or delete) pack folders that nothing committed or released refers to."""
+    """List (or delete) pack folders that nothing committed or released refers to, and the scratch of builds
+    that are gone. Refuses (exit 2) unless the catalog provably is this root's."""
     cat = _open(ctx)
-    try:
-        garbage = find_garbage(cat, grace_hours * 3600)
-    except GcRefused as err:
-        console.print(f"[red]gc refused[/red]: {err}")
-        sys.exit(1)
-    table = Table("pack", "age (h)", "MiB", "why", title="garbage" if garbage else "no garbage")
+    garbage = find_garbage(cat, grace_hours * 3600)
+    stale = scratch.stale_runs(cat.data_root / "scratch")
+    table = Table("path", "age (h)", "MiB", "why", title="garbage" if garbage or stale else "no garbage")
     for g in garbage:
         table.add_row(g.pack_path, f"{g.age_s / 3600:.1f}", f"{g.size_bytes / 2**20:.1f}", g.reason)
+    for run in stale:
+        table.add_row(run.path.relative_to(cat.data_root).as_posix(), "", f"{run.size_bytes / 2**20:.1f}", f"stale scratch: {run.reason}")
     console.print(table)
-    if delete and garbage:
-        freed = collect_garbage(cat, garbage)
-        console.print(f"deleted {len(garbage)} packs, {freed / 2**20:.1f} MiB")
-    elif garbage:
+    if delete and (garbage or stale):
+        freed = collect_garbage(cat, garbage) + sum(run.size_bytes for run in scratch.remove_stale_runs(cat.data_root / "scratch"))
+        console.print(f"deleted {len(garbage)} packs and {len(stale)} scratch folders, {freed / 2**20:.1f} MiB")
+    elif garbage or stale:
         console.print("dry run: pass --delete to remove them")

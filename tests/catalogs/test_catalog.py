@@ -3,12 +3,12 @@
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from pyiceberg.table import StaticTable
 
 from catalogs.commit import StepResult, commit_batch, write_batch
+from catalogs.errors import StaleVersionError
 from catalogs.keys import StepSpec
 from catalogs.planner import plan
-from catalogs.tables import StaleVersionError
+from catalogs.tables import static_table
 
 from .conftest import execute, paper_graph, synthetic_sources
 
@@ -70,7 +70,7 @@ def test_tables_scan_to_arrow_with_and_without_the_catalog(catalog):
     for name in ("sources", "step_specs", "artifacts", "samples"):
         assert isinstance(catalog.table(name).scan().to_arrow(), pa.Table)
     artifacts = catalog.table("artifacts")
-    static = StaticTable.from_metadata(artifacts.metadata_location).scan().to_arrow()
+    static = static_table(catalog.data_root, artifacts.metadata_location).scan().to_arrow()
     assert static.num_rows == artifacts.scan().to_arrow().num_rows == 30
 
 

@@ -50,4 +50,4 @@ def test_log_show_diff_verify_gc(catalog):
     bad = _near("catalog", "--root", root, "verify", "first", check=False)
     assert bad.returncode == 1 and "does not match" in bad.stdout
     refused = _near("catalog", "--root", root, "gc", "--grace-hours", "0", "--delete", check=False)
-    assert refused.returncode == 1 and "refused" in refused.stdout
+    assert refused.returncode == 2 and "not collecting" in refused.stderr

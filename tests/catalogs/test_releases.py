@@ -7,13 +7,13 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from pyiceberg.table import StaticTable
 
 from catalogs.gc import collect_garbage, find_garbage
 from catalogs.packs import write_pack
 from catalogs.planner import plan
 from catalogs.release_reader import Release, ReleaseIntegrityError, release_dir
 from catalogs.releases import ReleaseExistsError, ReleaseSpec, create_release
+from catalogs.tables import static_table
 from catalogs.verify import verify_release
 
 from .conftest import execute, fake_output, paper_graph, synthetic_sources
@@ -76,7 +76,7 @@ def test_release_names_are_never_reused(released):
 
 def test_the_iceberg_snapshot_reproduces_the_manifest_without_the_catalog(released):
     catalog, _, record = released
-    rows = StaticTable.from_metadata(record["metadata_location"]).scan(snapshot_id=record["snapshot_id"]).to_arrow()
+    rows = static_table(catalog.data_root, record["metadata_location"]).scan(snapshot_id=record["snapshot_id"]).to_arrow()
     rows = rows.sort_by([("sample_id", "ascending"), ("role", "ascending")])
     assert rows.equals(Release.open(catalog.data_root, "r1").manifest)
 

@@ -18,12 +18,13 @@ from jaxtyping import Float
 from torch import Tensor
 
 from infra.environments import find_render_python
+from infra.errors import FactoryError, NotFound
 from render_jobs.exr import read_channels
 
 BUNDLED_MAPS_QUERY = "import bpy; print(bpy.utils.system_resource('DATAFILES', path='studiolights/world'))"
 
 
-class EnvMapNotFound(LookupError):
+class EnvMapNotFound(FactoryError, LookupError):
     """A release names an environment map that no configured folder holds."""
 
 
@@ -55,7 +56,7 @@ class EnvMapStore:
                 self.paths.setdefault(digest, path)
                 self.names.setdefault(path.name, digest)
         if not self.paths:
-            raise FileNotFoundError(f"no .exr environment maps in {[str(f) for f in folders]}")
+            raise NotFound(f"no .exr environment maps in {[str(f) for f in folders]}")
         self._cache: dict[str, Tensor] = {}
 
     def digest_of(self, name: str) -> str:

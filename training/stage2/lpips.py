@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from infra.errors import NotFound
+
 VGG16_LAYERS = (64, 64, "pool", 128, 128, "pool", 256, 256, 256, "pool", 512, 512, 512, "pool", 512, 512, 512)
 TAPS = (3, 8, 15, 22, 29)
 """Indices in `features` of relu1_2, relu2_2, relu3_3, relu4_3 and relu5_3."""
@@ -53,7 +55,7 @@ class Lpips(nn.Module):
         """`vgg_weights`: torchvision's VGG16 ImageNet checkpoint; `heads`: LPIPS's `vgg.pth` (default: torchmetrics')."""
         path = Path(vgg_weights)
         if not path.is_file():
-            raise FileNotFoundError(
+            raise NotFound(
                 f"no VGG16 weights at {path}: place torchvision's vgg16-397923af.pth there to use LPIPS"
             )
         model = cls()
