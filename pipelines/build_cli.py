@@ -8,7 +8,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from catalogs.planner import plan as plan_work
-from infra.errors import ConfigError
 from pipelines.build import new_run_id, prepare, run_build
 from pipelines.build_config import BuildConfig
 from pipelines.report import write_report
@@ -22,13 +21,6 @@ _config_option = click.option(
     help="Build YAML.",
 )
 _retry_option = click.option("--retry-failed", is_flag=True, help="Run failed artifacts again.")
-
-
-def _load(path: Path) -> BuildConfig:
-    try:
-        return BuildConfig.from_yaml(path)
-    except ConfigError as err:
-        raise click.ClickException(str(err)) from err
 
 
 def _counts_table(
@@ -59,8 +51,8 @@ def _counts_table(
 @_retry_option
 def plan(config_path: Path, retry_failed: bool) -> None:
     """Print what a build would run, per step, without running it."""
-    config = _load(config_path)
-    catalog, graph, sources = prepare(config, new_run_id())
+    config = BuildConfig.from_yaml(config_path)
+    catalog, graph, sources, _ = prepare(config, new_run_id())
     work = plan_work(catalog, graph, sources, retry_failed=retry_failed)
     console.print(
         _counts_table(f"plan over {sources.num_rows} assets ({config.source.kind} source)", work.counts())
@@ -72,7 +64,7 @@ def plan(config_path: Path, retry_failed: bool) -> None:
 @_retry_option
 def build(config_path: Path, retry_failed: bool) -> None:
     """Build, commit and release the dataset the config describes (local Ray unless RAY_ADDRESS is set)."""
-    config = _load(config_path)
+    config = BuildConfig.from_yaml(config_path)
     record = run_with_progress(config, retry_failed=retry_failed)
     if any(f for f in record.failures):
         console.print(f"[yellow]{len(record.failures)} failed artifacts (see the report)")

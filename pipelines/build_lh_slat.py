@@ -13,6 +13,7 @@ sys.path.insert(
     0, str(Path(__file__).resolve().parents[1])
 )  # the working dir, where `ray job submit` unpacks
 
+from infra.errors import FactoryError
 from infra.logs import setup_logging
 from pipelines.build import run_build
 from pipelines.build_config import BuildConfig
@@ -27,12 +28,16 @@ def main() -> None:
     parser.add_argument("--retry-failed", action="store_true", help="run failed artifacts again")
     args = parser.parse_args()
     setup_logging(1)
-    config = BuildConfig.from_yaml(args.config)
-    record = run_build(
-        config,
-        retry_failed=args.retry_failed,
-        on_progress=lambda message, done, total: print(f"[{done}/{total}] {message}", flush=True),
-    )
+    try:
+        config = BuildConfig.from_yaml(args.config)
+        record = run_build(
+            config,
+            retry_failed=args.retry_failed,
+            on_progress=lambda message, done, total: print(f"[{done}/{total}] {message}", flush=True),
+        )
+    except FactoryError as err:  # a refusal (bad config, foreign catalog, ...): one line, as `near` prints it
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
     report = write_report(record, config.data_root)
     print(f"computed {record.computed_by_step()}; report {report}", flush=True)
     if record.release:

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from infra.errors import ConfigError
+from infra.errors import FactoryError
 from infra.logs import setup_logging
 from pipelines.demo import DemoConfig
 from pipelines.local_render import AssetRecord, render_files
@@ -42,6 +42,14 @@ class _LazyGroup(click.Group):
             module, attr = self.LAZY[name].split(":")
             return getattr(importlib.import_module(module), attr)
         return super().get_command(ctx, name)
+
+    def invoke(self, ctx: click.Context) -> object:
+        """Every command's refusals (the project's FactoryError) become one line on stderr and exit status 2."""
+        try:
+            return super().invoke(ctx)
+        except FactoryError as err:
+            click.echo(f"error: {err}", err=True)
+            ctx.exit(2)
 
 
 @click.group(cls=_LazyGroup)
@@ -137,7 +145,9 @@ def render(paths, recipe_name, out, views, lightings_per_view, resolution, sampl
         with RenderSupervisor(_worker_config(timeout, allow_software_gl, gpu_backend, render_python)) as supervisor:
             records = _render_with_progress(files, recipe, out, supervisor.cfg, supervisor, f"render {recipe_name}")
             data = _report(records, recipe, supervisor)
-    except (ConfigError, ValueError) as err:
+    except FactoryError:
+        raise
+    except ValueError as err:  # a recipe option out of range
         raise click.ClickException(str(err)) from err
     console.print(_summary_table(f"{recipe_name}: {data['summary']['ok']} ok, {data['summary']['failed']} failed", records))
     if report:
@@ -164,10 +174,7 @@ def demo(out: Path, seed: int, resolution: int, samples: int) -> None:
     console.print(f"demo build config: {config_path} (models with random weights: the latents mean nothing)")
     stage1_path = demo_config.write_stage1_config(out)
     stage2_path = demo_config.write_stage2_config(out)
-    try:
-        record = run_with_progress(BuildConfig.from_yaml(config_path))
-    except ConfigError as err:
-        raise click.ClickException(str(err)) from err
+    record = run_with_progress(BuildConfig.from_yaml(config_path))
     if record.failures:
         sys.exit(1)
     console.print(f"train Stage 1 on it: near train stage1 --release demo-seed{seed} --config {stage1_path}")

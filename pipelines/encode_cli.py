@@ -15,7 +15,7 @@ from encoders.asset_encoder import DEFAULT_SLAT_ENCODER, AssetEncoder, AssetEnco
 from encoders.attention import AttentionBackend
 from encoders.backproject import BackprojectConfig
 from encoders.dinov2 import DEFAULT_DINOV2, Dinov2Config
-from infra.errors import AssetRejected, ConfigError
+from infra.errors import FactoryError
 
 console = Console(stderr=True)
 
@@ -67,10 +67,10 @@ def encode(
             encoder = AssetEncoder(config, device=torch_device)
         with console.status(f"encoding {render_dir.name}"):
             encoding = encoder.encode(render_dir)
-    except (ConfigError, ValueError, OSError) as err:
+    except FactoryError:
+        raise
+    except (ValueError, OSError) as err:  # unreadable weights or render set
         raise click.ClickException(str(err)) from err
-    except AssetRejected as err:
-        raise click.ClickException(f"rejected: {err}") from err
     encoding.save(out)
     table = Table(
         title=f"{render_dir.name}: {encoding.meta['num_voxels']} voxels, {encoding.meta['num_views']} views"

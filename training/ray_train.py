@@ -15,6 +15,7 @@ import torch
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from catalogs.release_reader import Release
 from training.run import RunFolder
 
 Stage = Literal["stage1", "stage2"]
@@ -45,7 +46,12 @@ def _worker(loop_config: dict[str, Any]) -> None:
 
 def train(stage: Stage, config: Any) -> dict[str, Any]:
     """Run `stage` to `config.steps` through Ray Train; returns the last metrics rank 0 logged (Ray Train 2 keeps
-    only checkpointed reports in its result, so they are read from the run's `metrics.jsonl`)."""
+    only checkpointed reports in its result, so they are read from the run's `metrics.jsonl`).
+
+    Raises:
+        ReleaseNotFound, ReleaseIntegrityError: before any worker starts, when the pinned release cannot serve.
+    """
+    Release.open(config.data_root, config.release, config.release_sha256)
     if not ray.is_initialized():
         address = config.ray_address or os.environ.get("RAY_ADDRESS")
         ray.init(address=address, include_dashboard=False) if address else ray.init(include_dashboard=False)

@@ -6,8 +6,6 @@ from typing import Any
 
 import click
 
-from infra.errors import ConfigError
-
 
 @click.group()
 def train() -> None:
@@ -45,14 +43,11 @@ def _train(stage: str, release: str, config_file: Path | None, data_root: Path |
     if gpus is not None:
         overrides.update(num_workers=max(gpus, 1), use_gpu=gpus > 0)
     cls = config_class(stage)
-    try:
-        if config_file:
-            config = cls.from_yaml(config_file, **overrides)
-        else:
-            config = cls.from_dict({k: v for k, v in overrides.items() if v is not None})
-        metrics = train(stage, config)
-    except (ConfigError, FileNotFoundError) as err:
-        raise click.ClickException(str(err)) from err
+    if config_file:
+        config = cls.from_yaml(config_file, **overrides)
+    else:
+        config = cls.from_dict({k: v for k, v in overrides.items() if v is not None})
+    metrics = train(stage, config)
     click.echo(f"{stage} finished: {metrics}")
     click.echo(f"checkpoints: {Path(config.out_dir) / 'checkpoints'}")
 
