@@ -20,6 +20,12 @@ class Reason(str, enum.Enum):
     RENDER_ERROR = "render_error"
     INVALID_RENDER_SET = "invalid_render_set"
     NON_FINITE = "non_finite"
+    INVALID_NAME = "invalid_name"
+    UNREADABLE_FILE = "unreadable_file"
+    CORRUPT_ARCHIVE = "corrupt_archive"
+    MISSING_MEMBER = "missing_member"
+    UNSAFE_ARCHIVE_MEMBER = "unsafe_archive_member"
+    TOO_LARGE = "too_large"
 
 
 class FactoryError(Exception):
@@ -39,6 +45,10 @@ class AssetRejected(FactoryError):
 
 class TransientError(FactoryError):
     """Worth retrying with backoff (a lost worker, a storage hiccup)."""
+
+
+class NotFound(FactoryError, FileNotFoundError):
+    """A file or folder that a command or configuration names does not exist."""
 
 
 class ConfigError(FactoryError, ValueError):

@@ -3,16 +3,22 @@
 demo          the generated demo assets (made once, in the render env)
 local         a folder (glob; symlinks never followed out of it)
 objaverse-xl  annotations -> selection -> download -> safe extraction (`catalogs.objaverse`)
+
+An entry that cannot be an asset (an unreadable file, a name that is no asset id, a corrupt or unsafe
+archive) is skipped and returned with its reason (`catalogs.sources.SkippedSource`): one bad entry never stops
+an ingest.
 """
 
 import logging
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
+import pandas as pd
 import pyarrow as pa
 
 from catalogs import objaverse
-from catalogs.sources import file_rows
+from catalogs.sources import SOURCE_ROW_SCHEMA, InvalidAssetId, SkippedSource, file_rows
 from catalogs.tables import FactoryCatalog
+from infra.errors import ConfigError, Reason
 from pipelines.build_config import BuildConfig, SourceConfig
 from pipelines.demo import generate_demo_assets
 from render_jobs.demo_assets import MANIFEST_FILE
@@ -21,25 +27,41 @@ from render_jobs.formats import find_asset_files
 logger = logging.getLogger(__name__)
 
 
-def find_sources(config: BuildConfig) -> pa.Table:
-    """`catalogs.sources.SOURCE_ROW_SCHEMA` rows of every asset the source holds now."""
+def find_sources(config: BuildConfig) -> tuple[pa.Table, list[SkippedSource]]:
+    """`catalogs.sources.SOURCE_ROW_SCHEMA` rows of every asset the source holds now, and the entries skipped.
+
+    Raises:
+        ConfigError: a local source whose folder is missing, or whose pattern cannot name files under it.
+    """
     source = config.source
     if source.kind == "demo":
         folder = Path(source.path or config.data_root / "demo-assets")
         if not (folder / MANIFEST_FILE).exists():
             generate_demo_assets(folder, seed=source.seed)
-        return file_rows(folder, find_asset_files([folder]), origin=f"demo:seed={source.seed}")
-    if source.kind == "local":
+        rows, skipped = file_rows(folder, find_asset_files([folder]), origin=f"demo:seed={source.seed}")
+    elif source.kind == "local":
         folder = Path(source.path)
         if not folder.is_dir():
-            raise FileNotFoundError(f"source folder {folder} does not exist")
+            raise ConfigError(f"source.path must be a folder, got {source.path!r}")
+        pattern = PurePosixPath(source.pattern)
+        if not source.pattern or pattern.is_absolute() or ".." in pattern.parts:
+            raise ConfigError(
+                f"source.pattern must be a glob relative to source.path (no leading '/', no '..'), "
+                f"got {source.pattern!r}"
+            )
         matched = set(folder.glob(source.pattern))  # asset files (no symlink out of the folder) that match
         files = [path for path in find_asset_files([folder]) if path in matched]
-        return file_rows(folder, files, origin=f"local:{source.path}")
-    return objaverse_sources(source, Path(source.path or config.data_root / "objaverse"))
+        rows, skipped = file_rows(folder, files, origin=f"local:{source.path}")
+    else:
+        rows, skipped = objaverse_sources(source, Path(source.path or config.data_root / "objaverse"))
+    for entry in skipped:
+        logger.warning(
+            "source entry skipped entry=%s reason=%s: %s", entry.entry, entry.reason.value, entry.message
+        )
+    return rows, skipped
 
 
-def objaverse_sources(source: SourceConfig, download_dir: Path) -> pa.Table:
+def objaverse_sources(source: SourceConfig, download_dir: Path) -> tuple[pa.Table, list[SkippedSource]]:
     """Objaverse-XL objects the selection keeps, downloaded (network) and extracted into `download_dir`."""
     selection = objaverse.ObjaverseSelection(
         sources=source.objaverse_sources,
@@ -53,23 +75,33 @@ def objaverse_sources(source: SourceConfig, download_dir: Path) -> pa.Table:
     return objaverse_rows(objects, downloaded, download_dir, max_bytes=source.max_file_mb << 20)
 
 
-def objaverse_rows(objects, downloaded: dict[str, str], download_dir: Path, *, max_bytes: int) -> pa.Table:
-    """Rows for the downloaded objects; one that cannot be extracted safely is left out, and logged."""
-    local = {}
-    for identifier, path in downloaded.items():
+def objaverse_rows(
+    objects: pd.DataFrame, downloaded: dict[str, str], download_dir: Path, *, max_bytes: int
+) -> tuple[pa.Table, list[SkippedSource]]:
+    """Rows for the downloaded objects, in selection order; one that cannot be extracted safely or read is
+    skipped with its reason."""
+    rows, skipped, extract_dir = [], [], download_dir / "extracted"
+    for record in objects.to_dict("records"):
+        identifier = record["fileIdentifier"]
+        if identifier not in downloaded:
+            continue
         try:
-            local[identifier] = objaverse.materialize(path, download_dir / "extracted", max_bytes=max_bytes)
-        except (objaverse.UnsafeArchiveMember, KeyError, OSError) as err:
-            logger.warning("objaverse-xl object %s not registered: %s", identifier, err)
-    return objaverse.source_rows(objects, local)
+            path = objaverse.materialize(downloaded[identifier], extract_dir, max_bytes=max_bytes)
+            rows.append(objaverse.source_row(record, path))
+        except (objaverse.ArchiveError, InvalidAssetId) as err:
+            skipped.append(SkippedSource(identifier, err.reason, str(err)))
+        except OSError as err:
+            skipped.append(SkippedSource(identifier, Reason.UNREADABLE_FILE, str(err)))
+    return pa.Table.from_pylist(rows, schema=SOURCE_ROW_SCHEMA), skipped
 
 
-def ingest(catalog: FactoryCatalog, config: BuildConfig, run_id: str) -> pa.Table:
-    """Register the revisions the catalog has not seen; return this build's assets (asset_id, source_id, uri)."""
-    found = find_sources(config)
+def ingest(catalog: FactoryCatalog, config: BuildConfig, run_id: str) -> tuple[pa.Table, list[SkippedSource]]:
+    """Register the revisions the catalog has not seen; return this build's assets (asset_id, source_id, uri)
+    and the source entries skipped."""
+    found, skipped = find_sources(config)
     current = catalog.current_sources()
     seen = set(zip(current["asset_id"].to_pylist(), current["source_id"].to_pylist()))
     new = [(a, s) not in seen for a, s in zip(found["asset_id"].to_pylist(), found["source_id"].to_pylist())]
     if any(new):
         catalog.register_sources(found.filter(pa.array(new)), run_id)
-    return found.select(["asset_id", "source_id", "uri"])
+    return found.select(["asset_id", "source_id", "uri"]), skipped

@@ -62,6 +62,13 @@ def _html(record: BuildRecord) -> str:
             for reason, items in sorted(by_reason.items())
         ],
     )
+    skipped = _table(
+        ["source entry", "reason", "message"],
+        [
+            [html.escape(s["entry"]), html.escape(s["reason"]), html.escape(s["message"][:300])]
+            for s in sorted(record.skipped_sources, key=lambda s: (s["reason"], s["entry"]))
+        ],
+    )
     assets = _table(
         ["asset", "compute s", "voxels"],
         [
@@ -94,7 +101,8 @@ def _html(record: BuildRecord) -> str:
     release = html.escape(json.dumps(record.release, indent=1)) if record.release else "no release"
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>NeAR build {record.run_id}</title>
 <style>{_STYLE}</style></head><body><h1>NeAR factory build {record.run_id}</h1><p>{record.seconds:.1f} s in all</p>
-<h2>Steps</h2>{steps}<h2>Failures by reason</h2>{reasons}<h2>Assets</h2>{assets}
+<h2>Steps</h2>{steps}<h2>Failures by reason</h2>{reasons}
+<h2>Skipped sources</h2>{skipped}<h2>Assets</h2>{assets}
 <h2>Voxels and latents</h2>{voxels}{latents}<h2>Contact sheets</h2>{sheets}<h2>Release</h2><pre>{release}</pre>
 </body></html>
 """

@@ -5,6 +5,8 @@ import zipfile
 from pathlib import Path
 from typing import Literal
 
+from infra.errors import NotFound
+
 AssetFormat = Literal["glb", "gltf", "obj", "fbx", "ply", "stl", "usd", "usda", "usdc", "usdz", "blend"]
 ASSET_EXTENSIONS: tuple[str, ...] = ("glb", "gltf", "obj", "fbx", "ply", "stl", "usd", "usda", "usdc", "usdz", "blend")
 """Files with these extensions are assets; sidecars (.bin, textures, .mtl) travel with their asset."""
@@ -62,7 +64,8 @@ def _is_binary_stl(head: bytes, size: int) -> bool:
 def find_asset_files(paths: list[str | os.PathLike[str]]) -> list[Path]:
     """Asset files among `paths`: files as given, folders searched recursively, sorted and deduplicated.
 
-    Symbolic links are not followed out of a searched folder.
+    Symbolic links are not followed out of a searched folder. An entry whose type cannot be read (its folder
+    is listable but not searchable) is kept, for its reader to report, rather than silently dropped.
     """
     found: dict[Path, None] = {}
     for raw in paths:
@@ -70,7 +73,9 @@ def find_asset_files(paths: list[str | os.PathLike[str]]) -> list[Path]:
         if path.is_dir():
             root = path.resolve()
             for candidate in sorted(path.rglob("*")):
-                if not candidate.is_file() or candidate.suffix.lower().lstrip(".") not in ASSET_EXTENSIONS:
+                if candidate.suffix.lower().lstrip(".") not in ASSET_EXTENSIONS:
+                    continue
+                if not _may_be_file(candidate):
                     continue
                 if not candidate.resolve().is_relative_to(root):
                     continue
@@ -78,5 +83,12 @@ def find_asset_files(paths: list[str | os.PathLike[str]]) -> list[Path]:
         elif path.exists():
             found[path] = None
         else:
-            raise FileNotFoundError(f"no such asset file or folder: {path}")
+            raise NotFound(f"no such asset file or folder: {path}")
     return list(found)
+
+
+def _may_be_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # is_file() answers False itself only for a missing entry or a symlink loop
+        return True

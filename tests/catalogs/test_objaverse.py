@@ -4,6 +4,7 @@ network and is not run here."""
 
 import hashlib
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 
 from catalogs import objaverse
 from catalogs.objaverse import ObjaverseSelection, UnsafeArchiveMember
+from infra.errors import FactoryError, Reason
 from pipelines.ingest import objaverse_rows
 
 GLTF = {
@@ -23,6 +25,30 @@ GLTF = {
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _zip(path: Path, members: dict[str, bytes]) -> Path:
+    """A repository archive as `download_objects(save_repo_format="zip")` leaves it: written aside, then moved
+    into place (a re-download replaces the file, it does not rewrite it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".tmp")
+    with zipfile.ZipFile(partial, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    os.replace(partial, path)
+    return path
+
+
+def _partials(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.name.endswith(".partial")]
+
+
+def _objects(download_dir: Path, *extra: str) -> pd.DataFrame:
+    """The fixture's selected GitHub objects, then glb objects annotated as `extra` (fileIdentifiers)."""
+    annotations = objaverse.load_annotations(download_dir)
+    objects = objaverse.select(annotations, ObjaverseSelection(sources=("github",)))
+    more = {"source": "github", "license": "MIT", "fileType": "glb", "sha256": "5" * 64, "metadata": "{}"}
+    return pd.concat([objects, pd.DataFrame([{"fileIdentifier": f, **more} for f in extra])])
 
 
 @pytest.fixture
@@ -124,18 +150,108 @@ def test_unsafe_members_are_refused(download_dir: Path) -> None:
 
 
 def test_rows_carry_recomputed_sha256_and_skip_what_cannot_be_extracted(download_dir: Path) -> None:
-    annotations = objaverse.load_annotations(download_dir)
-    objects = objaverse.select(annotations, ObjaverseSelection(sources=("github",)))
+    escape = "https://github.com/someone/furniture/blob/abc/escape.glb"
+    gone = "https://github.com/someone/furniture/blob/abc/models/gone.glb"
+    objects = _objects(download_dir, escape, gone)
     repo = download_dir / "github" / "repos" / "someone" / "furniture.zip"
     downloaded = {
         "https://github.com/someone/furniture/blob/abc/models/chair.gltf": f"{repo}/models/chair.gltf",
         "https://github.com/someone/furniture/blob/abc/models/table.glb": f"{repo}/models/table.glb",
+        escape: f"{repo}/../../escape.glb",
+        gone: f"{repo}/models/gone.glb",
     }
-    rows = objaverse_rows(objects, downloaded, download_dir, max_bytes=1 << 20).to_pylist()
+    rows, skipped = objaverse_rows(objects, downloaded, download_dir, max_bytes=1 << 20)
+    rows = rows.to_pylist()
     assert [r["kind"] for r in rows] == ["gltf", "glb"]
+    assert [(s.entry, s.reason) for s in skipped] == [
+        (escape, Reason.UNSAFE_ARCHIVE_MEMBER),
+        (gone, Reason.MISSING_MEMBER),
+    ]
     chair, table = rows
     assert chair["source_id"] == _sha(json.dumps(GLTF).encode()) and "modified" not in json.loads(
         chair["attrs_json"]
     )
     assert json.loads(table["attrs_json"])["modified"] is True  # annotation sha256 "000..." != the bytes
     assert chair["origin"] == "objaverse-xl:github" and chair["license"] == "MIT"
+
+
+def test_archive_errors_are_factory_errors() -> None:
+    assert issubclass(UnsafeArchiveMember, FactoryError) and issubclass(UnsafeArchiveMember, ValueError)
+
+
+def _corrupt_crc(path: Path) -> Path:
+    """A stored member whose bytes no longer match its CRC-32 (a damaged download)."""
+    _zip(path, {"models/broken.glb": b"glTF" + b"x" * 4000})
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b"x" * 4000, b"x" * 3999 + b"y", 1))
+    return path
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda path: path.write_text("<!doctype html><html><body>rate limit exceeded</body></html>"),
+        _corrupt_crc,
+    ],
+    ids=["html-saved-as-zip", "bad-crc"],
+)
+def test_a_corrupt_archive_skips_its_object_with_a_reason(download_dir: Path, damage) -> None:
+    objects = _objects(download_dir, "https://github.com/other/broken/blob/abc/models/broken.glb")
+    broken = download_dir / "github" / "repos" / "other" / "broken.zip"
+    broken.parent.mkdir(parents=True)
+    damage(broken)
+    chair = "https://github.com/someone/furniture/blob/abc/models/chair.gltf"
+    downloaded = {
+        chair: f"{download_dir}/github/repos/someone/furniture.zip/models/chair.gltf",
+        "https://github.com/other/broken/blob/abc/models/broken.glb": f"{broken}/models/broken.glb",
+    }
+    rows, skipped = objaverse_rows(objects, downloaded, download_dir, max_bytes=1 << 20)
+    assert rows["asset_id"].to_pylist() == [chair]
+    assert [(s.entry, s.reason) for s in skipped] == [
+        ("https://github.com/other/broken/blob/abc/models/broken.glb", Reason.CORRUPT_ARCHIVE)
+    ]
+    assert str(broken) in skipped[0].message
+    assert not _partials(download_dir)
+
+
+def test_same_named_repositories_of_two_organisations_extract_apart(tmp_path: Path) -> None:
+    paths = [
+        objaverse.materialize(
+            f"{_zip(tmp_path / 'repos' / org / 'models.zip', {'chair.glb': org.encode()})}/chair.glb",
+            tmp_path / "extracted",
+            max_bytes=1 << 20,
+        )
+        for org in ("orgA", "orgB")
+    ]
+    assert [p.read_bytes() for p in paths] == [b"orgA", b"orgB"]
+
+
+def test_a_redownloaded_archive_is_extracted_again(tmp_path: Path) -> None:
+    archive = tmp_path / "repos" / "org" / "models.zip"
+    for content in (b"first version", b"second, longer version"):
+        _zip(archive, {"chair.glb": content})
+        path = objaverse.materialize(f"{archive}/chair.glb", tmp_path / "extracted", max_bytes=1 << 20)
+        assert path.read_bytes() == content
+
+
+def test_the_size_limit_bounds_what_one_asset_extracts_in_all(tmp_path: Path) -> None:
+    gltf = {"asset": {"version": "2.0"}, "images": [{"uri": f"t{i}.png"} for i in range(3)]}
+    archive = _zip(
+        tmp_path / "repos" / "org" / "scene.zip",
+        {"scene.gltf": json.dumps(gltf).encode(), **{f"t{i}.png": b"p" * 400 for i in range(3)}},
+    )
+    with pytest.raises(UnsafeArchiveMember, match="limit") as caught:  # each file is under 1000 bytes
+        objaverse.materialize(f"{archive}/scene.gltf", tmp_path / "extracted", max_bytes=1000)
+    assert caught.value.reason is Reason.TOO_LARGE
+    assert not _partials(tmp_path)
+
+
+def test_percent_encoded_gltf_uris_are_decoded(tmp_path: Path) -> None:
+    gltf = {"buffers": [{"uri": "b%C3%A4r.bin"}], "images": [{"uri": "tex%20ture.png"}]}
+    archive = _zip(
+        tmp_path / "repos" / "org" / "scene.zip",
+        {"m/scene.gltf": json.dumps(gltf).encode(), "m/bär.bin": b"bin", "m/tex ture.png": b"png"},
+    )
+    path = objaverse.materialize(f"{archive}/m/scene.gltf", tmp_path / "extracted", max_bytes=1 << 20)
+    assert (path.parent / "tex ture.png").read_bytes() == b"png"
+    assert (path.parent / "bär.bin").read_bytes() == b"bin"
