@@ -14,7 +14,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from encoders.sparse import SparseTensor
-from infra.config import FrozenConfig
+from infra.config import ConfigFieldError, FrozenConfig, NonNegativeFloat, PositiveFloat, PositiveInt
 
 Denoiser = Callable[[SparseTensor, Float[Tensor, " B"], Float[Tensor, "B L C"]], SparseTensor]
 """(x_t, 1000 t per object, condition tokens) -> velocity, on x_t's voxels."""
@@ -25,19 +25,18 @@ class FlowSamplerConfig(FrozenConfig):
     """Sampler settings. The defaults are those third-party TRELLIS fixtures give for the SLAT stage of the
     released pipeline (reference 6.5 marks them unverified); TRELLIS's demo uses 12 steps, w = 3, no interval."""
 
-    steps: int = 25
-    rescale_t: float = 3.0
-    cfg_strength: float = 3.0
+    steps: PositiveInt = 25
+    rescale_t: PositiveFloat = 3.0
+    cfg_strength: NonNegativeFloat = 3.0
     """Guidance weight w; 0 samples the conditional flow alone (one model call per step)."""
     cfg_interval: tuple[float, float] = (0.5, 1.0)
     """Guidance applies for cfg_interval[0] <= t <= cfg_interval[1]; (0, 1) applies it at every step."""
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.rescale_t <= 0:
-            raise ValueError(f"need steps >= 1 and rescale_t > 0: {self!r}")
+        super().__post_init__()
         low, high = self.cfg_interval
         if not 0.0 <= low <= high <= 1.0:
-            raise ValueError(f"cfg_interval must satisfy 0 <= low <= high <= 1, got {self.cfg_interval}")
+            raise ConfigFieldError("cfg_interval", f"needs 0 <= low <= high <= 1, got {self.cfg_interval}")
 
 
 def time_grid(config: FlowSamplerConfig) -> list[float]:

@@ -16,7 +16,7 @@ from encoders.dinov2 import Dinov2Features
 from encoders.flow_sampler import FlowSamplerConfig, sample_flow
 from encoders.slat_flow import SLAT_MEAN, SLAT_STD, SlatFlowModel
 from encoders.sparse import SparseTensor
-from infra.config import FrozenConfig
+from infra.config import FrozenConfig, PositiveInt
 
 DEFAULT_SLAT_FLOW = "microsoft/TRELLIS-image-large/ckpts/slat_flow_img_dit_L_64l8p2_fp16"
 
@@ -25,20 +25,9 @@ DEFAULT_SLAT_FLOW = "microsoft/TRELLIS-image-large/ckpts/slat_flow_img_dit_L_64l
 class ShadedSlatConfig(FrozenConfig):
     """How Z_s is sampled; part of the `slat_shaded` step's spec hash."""
 
-    views: int = 1
+    views: PositiveInt = 1
     """Input views per asset with a Z_s each (the first ones of the `input` render set)."""
     sampler: FlowSamplerConfig = dataclasses.field(default_factory=FlowSamplerConfig)
-
-    def __post_init__(self) -> None:
-        if self.views < 1:
-            raise ValueError(f"views must be >= 1, got {self.views}")
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ShadedSlatConfig":
-        data = dict(data)
-        if "sampler" in data:
-            data["sampler"] = FlowSamplerConfig.from_dict(data["sampler"])
-        return cls(**data)
 
 
 def input_view_frames(frame_view: np.ndarray, frame_lighting: np.ndarray, count: int) -> np.ndarray:

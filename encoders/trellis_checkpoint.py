@@ -92,11 +92,9 @@ def config_from_trellis_json(
             )
     for arg in ignored_args:
         args.pop(arg, None)
-    if "mlp_ratio" in args:
-        args["mlp_ratio"] = float(args["mlp_ratio"])
     try:
         return config_class.from_dict(args)
-    except TypeError as err:
+    except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from err
 
 

@@ -5,11 +5,20 @@ gets the same cameras and lights, and a frame's record is enough to reproduce it
 """
 
 import dataclasses
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 
-from infra.config import FrozenConfig
+from infra.config import (
+    ConfigFieldError,
+    FrozenConfig,
+    LocalPath,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Range,
+)
 from render_jobs import lighting, views
 from render_jobs.lighting import LightingSpec
 from render_jobs.views import ViewSpec
@@ -25,31 +34,31 @@ class RecipeConfig(FrozenConfig):
     """One render recipe. Defaults of each named recipe come from `recipe_config`."""
 
     name: RecipeName
-    num_views: int
+    num_views: PositiveInt
     """Views per asset: 150 for `lh`, 8 for `input`, 12 for `relight`."""
-    lightings_per_view: int = 1
+    lightings_per_view: PositiveInt = 1
     """Lighting conditions rendered per view: 16 random env maps for `relight`, else 1."""
     passes: tuple[str, ...] = ALL_PASSES
-    resolution_px: int = 512
-    samples: int = 16
+    resolution_px: PositiveInt = 512
+    samples: PositiveInt = 16
     """EEVEE TAA samples per frame."""
-    seed: int = 0
+    seed: NonNegativeInt = 0
     """Mixed with the asset's source_id: same seed and asset, same cameras and lights."""
-    radius_m: float = 2.0
-    fov_deg: float = 40.0
-    env_maps_dir: str | None = None
+    radius_m: PositiveFloat = 2.0
+    fov_deg: Annotated[float, Range(gt=0, lt=180)] = 40.0
+    env_maps_dir: LocalPath | None = None
     """Folder of .exr/.hdr maps; None uses the eight HDRIs that bpy ships."""
-    env_strength: float = 1.0
+    env_strength: NonNegativeFloat = 1.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.name not in RECIPE_NAMES:
-            raise ValueError(f"unknown recipe {self.name!r}; expected one of {RECIPE_NAMES}")
+            raise ConfigFieldError("name", f"unknown recipe {self.name!r}; expected one of {RECIPE_NAMES}")
         unknown = sorted(set(self.passes) - set(ALL_PASSES))
         if unknown or "beauty" not in self.passes:
-            raise ValueError(f"passes must include 'beauty' and be a subset of {ALL_PASSES}, got {self.passes}")
-        for field in ("num_views", "lightings_per_view", "resolution_px", "samples"):
-            if getattr(self, field) < 1:
-                raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
+            raise ConfigFieldError(
+                "passes", f"must include 'beauty' and be a subset of {ALL_PASSES}, got {self.passes}"
+            )
 
     @property
     def needs_env_maps(self) -> bool:

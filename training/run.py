@@ -12,13 +12,24 @@ import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol, Self
+from typing import Annotated, Any, Literal, Protocol, Self
 
 import torch
-import yaml
 
+from catalogs.errors import check_release_name
 from catalogs.release_reader import Release
-from infra.config import FrozenConfig
+from infra.config import (
+    ConfigFieldError,
+    FrozenConfig,
+    LocalPath,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Range,
+    check_field,
+    load_config_file,
+)
 from infra.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -136,99 +147,52 @@ class StepBatches(torch.utils.data.Dataset):
         )
 
 
-def coerce_floats(cls: type, data: dict[str, Any]) -> dict[str, Any]:
-    """YAML reads `1e-4` (no dot) as a string: convert the float fields of `cls`, saying which one is bad."""
-    data = dict(data)
-    for field in dataclasses.fields(cls):
-        if field.type is float and isinstance(data.get(field.name), str):
-            try:
-                data[field.name] = float(data[field.name])
-            except ValueError:
-                raise ConfigError(f"{field.name} must be a number, got {data[field.name]!r}") from None
-    return data
-
-
-def read_yaml_config(
-    path: str | Path, *, folders: tuple[str, ...], models: tuple[str, ...] = ()
-) -> dict[str, Any]:  # fmt: skip
-    """A config file's mapping with `folders` (and `models` that name an existing file) made absolute against
-    the file's own folder."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read config {path}: {err}") from err
-    base = path.parent
-    for key in folders:
-        if isinstance(data.get(key), str):
-            data[key] = str((base / data[key]).resolve())
-        elif isinstance(data.get(key), list):
-            data[key] = [str((base / item).resolve()) for item in data[key]]
-    for key in models:
-        local = base / str(data.get(key, ""))
-        if key in data and (local.exists() or local.with_suffix(".safetensors").exists()):
-            data[key] = str(local.resolve())
-    return data
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainingConfig(FrozenConfig):
     """What every stage's run needs: the pinned release, the run folder, the schedule and the Ray Train workers.
     A stage's config adds its own fields; YAML files may give paths relative to themselves."""
 
-    PATH_KEYS: ClassVar[tuple[str, ...]] = ("data_root", "out_dir")
-    MODEL_KEYS: ClassVar[tuple[str, ...]] = ()
-    """Keys naming a model: made absolute when they name a file beside the YAML, else kept (a hub id)."""
-
-    data_root: str = "near-demo/data"
+    data_root: LocalPath = "near-demo/data"
     release: str = ""
+    """One plain release name; empty until the command line's `--release` sets it."""
     release_sha256: str | None = None
     """Pin of the release manifest; None pins whatever the release holds now (recorded in checkpoints)."""
-    out_dir: str = "runs"
-    steps: int = 1000
-    batch_size: int = 8
+    out_dir: LocalPath = "runs"
+    steps: PositiveInt = 1000
+    batch_size: PositiveInt = 8
     """Global batch (samples per step over all workers)."""
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    ema_decay: float = 0.9999
+    lr: PositiveFloat = 1e-4
+    weight_decay: NonNegativeFloat = 0.0
+    ema_decay: Annotated[float, Range(ge=0, lt=1)] = 0.9999
     precision: Precision = "auto"
-    data_workers: int = 2
+    data_workers: NonNegativeInt = 2
     """DataLoader processes reading the next steps' batches from the release while this one trains."""
-    seed: int = 0
-    log_every: int = 10
-    val_every: int = 500
-    checkpoint_every: int = 500
-    val_samples: int = 8
+    seed: NonNegativeInt = 0
+    log_every: PositiveInt = 10
+    val_every: PositiveInt = 500
+    checkpoint_every: PositiveInt = 500
+    val_samples: PositiveInt = 8
     val_split: str = "val"
-    num_workers: int = 1
+    num_workers: PositiveInt = 1
     use_gpu: bool = False
     ray_address: str | None = None
 
     def __post_init__(self) -> None:
-        if min(self.steps, self.batch_size, self.num_workers) < 1:
-            raise ConfigError(f"steps, batch_size and num_workers must be >= 1: {self!r}")
+        super().__post_init__()
+        if self.release:
+            check_field("release", check_release_name, self.release)
         if self.batch_size % self.num_workers:
-            raise ConfigError(f"batch_size {self.batch_size} is not divisible by num_workers {self.num_workers}")
-
-    @classmethod
-    def nested(cls, data: dict[str, Any]) -> dict[str, Any]:
-        """Turn a stage's nested mappings into their configs (the stage overrides this)."""
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Self:
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"unknown {cls.__name__} keys {unknown}")
-        try:
-            return cls(**cls.nested(coerce_floats(cls, data)))
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"invalid {cls.__name__}: {err}") from err
+            raise ConfigFieldError(
+                "batch_size", f"{self.batch_size} is not divisible by num_workers {self.num_workers}"
+            )
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> Self:
-        data = read_yaml_config(path, folders=cls.PATH_KEYS, models=cls.MODEL_KEYS)
-        return cls.from_dict({**data, **{k: v for k, v in overrides.items() if v is not None}})
+        """The file's config with `overrides` (command-line values; None: unset) in place of its values.
+        Paths in the file are relative to its folder, those in `overrides` to the working directory."""
+        config = load_config_file(cls, path)
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return cls.from_dict({**config.to_dict(), **given}) if given else config
 
 
 class Trainer(Protocol):

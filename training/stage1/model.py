@@ -14,15 +14,15 @@ from torch import nn
 
 from encoders.slat_flow import SlatFlowModel
 from encoders.sparse import SparseTensor
-from infra.config import FrozenConfig
+from infra.config import FrozenConfig, PositiveFloat, PositiveInt
 
 LORA_TARGETS = ("to_qkv", "to_q", "to_kv", "to_out")
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraSettings(FrozenConfig):
-    rank: int = 512
-    alpha: float = 512.0
+    rank: PositiveInt = 512
+    alpha: PositiveFloat = 512.0
     """rsLoRA scales the update by alpha / sqrt(rank)."""
     targets: tuple[str, ...] = LORA_TARGETS
 

@@ -16,7 +16,7 @@ from jaxtyping import Float
 from torch import Tensor
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-from infra.config import FrozenConfig
+from infra.config import FrozenConfig, NonNegativeFloat
 from training.stage2.agx import AgX
 from training.stage2.lpips import Lpips
 from training.stage2.model import Stage2Render
@@ -24,13 +24,15 @@ from training.stage2.model import Stage2Render
 
 @dataclasses.dataclass(frozen=True)
 class LossWeights(FrozenConfig):
-    log_l1: float = 1.0
-    ssim: float = 0.2
-    lpips: float = 0.2
-    pbr: float = 0.3
-    shadow: float = 0.5
-    volume: float = 1e4
-    opacity: float = 1e-3
+    """Weights of the loss terms; 0 turns a term off."""
+
+    log_l1: NonNegativeFloat = 1.0
+    ssim: NonNegativeFloat = 0.2
+    lpips: NonNegativeFloat = 0.2
+    pbr: NonNegativeFloat = 0.3
+    shadow: NonNegativeFloat = 0.5
+    volume: NonNegativeFloat = 1e4
+    opacity: NonNegativeFloat = 1e-3
 
 
 @dataclasses.dataclass(frozen=True)

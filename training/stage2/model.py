@@ -41,17 +41,6 @@ class Stage2ModelConfig(FrozenConfig):
     heads: GaussianHeadsConfig = dataclasses.field(default_factory=GaussianHeadsConfig)
     rasterizer: RasterBackend = "auto"
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Stage2ModelConfig":
-        parts = {"decoder": DecoderConfig, "tokenizer": LightingTokenizerConfig, "heads": GaussianHeadsConfig}
-        unknown = sorted(set(data) - {*parts, "rasterizer"})
-        if unknown:
-            raise TypeError(
-                f"Stage2ModelConfig has no fields {unknown}; fields are {sorted({*parts, 'rasterizer'})}"
-            )
-        nested = {name: kind.from_dict(data.get(name, {})) for name, kind in parts.items()}
-        return cls(**nested, rasterizer=data.get("rasterizer", "auto"))
-
 
 @dataclasses.dataclass(frozen=True)
 class Stage2Inputs:
