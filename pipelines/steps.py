@@ -40,7 +40,7 @@ def model_weights(config: BuildConfig) -> dict[str, WeightsInfo]:
 def build_graph(config: BuildConfig, weights: dict[str, WeightsInfo]) -> StepGraph:
     def render(step: str) -> StepSpec:
         params = config.recipes[RENDER_STEPS[step]].to_dict()
-        return StepSpec(step, "2", (SOURCE,), params, implementation=("render_jobs.worker",))
+        return StepSpec(step, "3", (SOURCE,), params, implementation=("render_jobs.worker",))
 
     features = {"image_size_px": 518, "backproject": BackprojectConfig().to_dict(), "roles": ["lh", "bc"]}
     return StepGraph(

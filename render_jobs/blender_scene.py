@@ -50,6 +50,19 @@ def gl_info() -> dict[str, str]:
     }
 
 
+def set_anisotropic_filter(*, enabled: bool) -> str:
+    """Leave Blender's anisotropic texture filtering at its default or turn it off; returns the setting used.
+
+    On llvmpipe the default (FILTER_2) fetches texels from the wrong place of a texture along triangle edges
+    (about 1 % of textured pixels at 1 sample); plain trilinear filtering does not. The setting is a user
+    preference: set after the warm-up render it holds for every later render, across `reset`.
+    """
+    system = bpy.context.preferences.system
+    if not enabled:
+        system.anisotropic_filter = "FILTER_0"
+    return system.anisotropic_filter
+
+
 def warm_up(scratch: Path) -> dict[str, str]:
     """Render one 8x8 frame so the GL context exists and its renderer can be checked."""
     reset()

@@ -39,10 +39,18 @@ class WorkerInfo:
     gl_device_type: str
     """'SOFTWARE' when EEVEE runs on a CPU rasterizer (Mesa llvmpipe)."""
     startup_s: float
+    anisotropic_filter: str
+    """Blender's anisotropic texture filter preference every render of this child uses: 'FILTER_0' (off) on
+    software GL, else Blender's default."""
 
     @property
     def is_software_gl(self) -> bool:
-        return self.gl_device_type == "SOFTWARE" or "llvmpipe" in self.gl_renderer.lower()
+        return is_software_gl(self.gl_renderer, self.gl_device_type)
+
+
+def is_software_gl(gl_renderer: str, gl_device_type: str) -> bool:
+    """Whether EEVEE draws on a CPU rasterizer (Mesa llvmpipe), as Blender reports it after a first render."""
+    return gl_device_type == "SOFTWARE" or "llvmpipe" in gl_renderer.lower()
 
 
 @dataclasses.dataclass(frozen=True)

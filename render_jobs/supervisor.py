@@ -3,7 +3,8 @@
 Usable as-is inside a Ray actor: it holds one child process, renders one asset per `render` call, and
 never raises for a bad asset. A wall-clock limit per asset kills the child's whole process group; the
 child is restarted after `max_assets_per_child` assets or when its RSS passes `max_rss_gb`; the tail of
-its stderr goes into every failure record.
+its stderr goes into every failure record. Each child gets a private temp folder (its TMPDIR) that the
+supervisor removes when the child ends: a SIGKILLed child cannot clean up after itself.
 """
 
 import collections
@@ -14,6 +15,7 @@ import selectors
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -63,17 +65,27 @@ class RenderWorkerConfig(FrozenConfig):
 
 
 class _Child:
-    """One render child process, its private result pipe and a thread that keeps its stderr tail."""
+    """One render child process, its result pipe and temp folder, and a thread that keeps its stderr tail.
+
+    The temp folder (`near-render-*` in the system temp dir) is the child's TMPDIR, so the worker's scratch
+    and Blender's `blender_*` session folder land in it; `kill` removes it.
+    """
 
     def __init__(self, python: Path, tail_lines: int, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(
-            [str(python), "-u", "-m", "render_jobs.worker"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,  # its own process group: a kill takes every helper it spawned
-            env=env,
-        )
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="near-render-"))
+        temp = str(self.temp_dir)
+        try:
+            self.proc = subprocess.Popen(
+                [str(python), "-u", "-m", "render_jobs.worker"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,  # its own process group: a kill takes every helper it spawned
+                env={**env, "TMPDIR": temp, "TEMP": temp, "TMP": temp},
+            )
+        except OSError:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            raise
         self.tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
         self._reader = threading.Thread(target=self._drain_stderr, name=f"render-child-{self.proc.pid}-stderr", daemon=True)
         self._reader.start()
@@ -115,11 +127,13 @@ class _Child:
             return 0
 
     def kill(self) -> None:
+        """Kill the child's process group and remove its temp folder; every way a child ends comes here."""
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         self.proc.wait()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
         self._selector.close()
         for stream in (self.proc.stdin, self.proc.stdout):
             try:

@@ -21,13 +21,21 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from infra.errors import AssetRejected, Reason
+from infra.errors import AssetRejected, NotFound, Reason
 from render_jobs import contact_sheet, render_set
 from render_jobs.cameras import focal_px
 from render_jobs.exr import read_channels, write_channels
 from render_jobs.formats import detect_format
 from render_jobs.gpu_backend import select_gpu_backend
-from render_jobs.protocol import GPU_BACKEND_ENV_VAR, RenderRequest, RenderResult, WorkerInfo, decode, encode
+from render_jobs.protocol import (
+    GPU_BACKEND_ENV_VAR,
+    RenderRequest,
+    RenderResult,
+    WorkerInfo,
+    decode,
+    encode,
+    is_software_gl,
+)
 from render_jobs.recipes import RecipeConfig, plan_frames
 
 logger = logging.getLogger(__name__)
@@ -47,7 +55,7 @@ def _env_maps(recipe: RecipeConfig, scene: Any) -> dict[str, Path]:
     folder = Path(recipe.env_maps_dir)
     maps = {p.name: p for p in sorted(folder.iterdir()) if p.suffix.lower() in (".exr", ".hdr")}
     if not maps:
-        raise FileNotFoundError(f"no .exr or .hdr environment maps in {folder}")
+        raise NotFound(f"no .exr or .hdr environment maps in {folder}")
     return maps
 
 
@@ -233,7 +241,7 @@ def _transforms(request: RenderRequest, recipe: RecipeConfig, records: list, nor
         "camera_angle_x": records[0]["camera_angle_x"],
         "renderer": {"engine": "BLENDER_EEVEE", "raytracing": True, "samples": recipe.samples,
                      "bpy_version": info.bpy_version, "gpu_backend": info.gpu_backend, "gl_renderer": info.gl_renderer,
-                     "gl_device_type": info.gl_device_type},
+                     "gl_device_type": info.gl_device_type, "anisotropic_filter": info.anisotropic_filter},
         "passes": {name: {"file": render_set.PASS_CHANNELS[name][0], "channels": list(render_set.PASS_CHANNELS[name][1])}
                    for name in recipe.passes},
         "stats": stats,
@@ -262,10 +270,14 @@ def main() -> None:
     from render_jobs import blender_scene as scene  # the only bpy import, after the redirect and the backend
 
     scene.disable_auto_run_scripts()
-    scratch = Path(tempfile.mkdtemp(prefix="near-render-"))
+    scratch = Path(tempfile.mkdtemp(prefix="scratch-"))  # in the TMPDIR the supervisor removes after a kill
     try:
         gl = scene.warm_up(scratch)
-        info = WorkerInfo(pid=os.getpid(), bpy_version=scene.bpy.app.version_string, startup_s=time.perf_counter() - started, **gl)
+        software = is_software_gl(gl["gl_renderer"], gl["gl_device_type"])
+        texture_filter = scene.set_anisotropic_filter(enabled=not software)
+        startup_s = time.perf_counter() - started
+        info = WorkerInfo(pid=os.getpid(), bpy_version=scene.bpy.app.version_string, startup_s=startup_s,
+                          anisotropic_filter=texture_filter, **gl)
         _send(protocol_out, info)
         for line in sys.stdin.buffer:
             request = decode(line)

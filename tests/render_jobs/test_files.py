@@ -50,7 +50,7 @@ def test_folders_are_searched_and_sidecars_skipped(tmp_path):
 def test_protocol_round_trip():
     messages = [
         RenderRequest("a.glb", "/out/a", "ab" * 32, {"name": "lh", "num_views": 2}),
-        WorkerInfo(7, "5.0.1", "opengl", "llvmpipe", "Mesa", "SOFTWARE", 1.5),
+        WorkerInfo(7, "5.0.1", "opengl", "llvmpipe", "Mesa", "SOFTWARE", 1.5, "FILTER_0"),
         RenderResult("a.glb", "failed", reason="timeout", message="m", stats={"faces": 3}, timings_s={"wall_s": 1.0}),
     ]
     for message in messages:

@@ -1,6 +1,8 @@
 """Radiometry and material AOVs on real EEVEE renders of the demo assets (known ground truth)."""
 
 import math
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,6 +79,101 @@ def test_textured_basecolor_aov_matches_texture_at_pixel_uv(demo_lh_renders, dem
             assert np.median(error) < 0.02 and np.percentile(error, 95) < 0.05, (k, np.median(error), np.percentile(error, 95))
             checked += len(xs)
     assert checked > 1000
+
+
+_PALETTE_SRGB = np.array([[0.9, 0.1, 0.1], [0.1, 0.9, 0.1], [0.1, 0.1, 0.9], [0.9, 0.9, 0.1],
+                          [0.1, 0.9, 0.9], [0.9, 0.1, 0.9], [0.5, 0.5, 0.5], [0.1, 0.1, 0.1]])
+_GRID = 4
+"""The block texture is a _GRID x _GRID grid of flat palette colours."""
+_TEXTURE_PX = 256
+_SAVE_BLOCK_CUBE = """
+import sys
+from pathlib import Path
+import numpy as np
+from render_jobs import blender_scene, demo_assets as demo
+vertices, faces, uvs = demo.unit_cube()
+material = {"base_color": [1.0, 1.0, 1.0], "roughness": 0.5, "metallic": 0.0}
+blender_scene.save_demo_asset(Path(sys.argv[1]), vertices, [tuple(f) for f in faces.tolist()], uvs, material,
+                              np.load(sys.argv[2]), False)
+"""
+
+
+def _block_cube(folder: Path, render_python: Path) -> tuple[Path, np.ndarray]:
+    """The demo cube (planar UVs, `demo.cube_uv`) textured with flat blocks; returns (asset, block grid)."""
+    grid = np.random.default_rng(0).integers(0, len(_PALETTE_SRGB), size=(_GRID, _GRID))
+    block = np.arange(_TEXTURE_PX) * _GRID // _TEXTURE_PX
+    np.save(folder / "texture.npy", _PALETTE_SRGB[grid[block][:, block]])  # row 0 at v = 0
+    path = folder / "block_cube.glb"
+    subprocess.run([str(render_python), "-c", _SAVE_BLOCK_CUBE, str(path), str(folder / "texture.npy")],
+                   check=True, capture_output=True)
+    return path, grid
+
+
+def _misplaced_texels(frame, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(misplaced, textured) (H, W) masks of one frame of the block cube (see the test's docstring)."""
+    passes = frame.load_passes("alpha", "depth", "basecolor")
+    depth, basecolor = passes["depth"], passes["basecolor"]
+    size = depth.shape[0]
+    K = opencv_intrinsics(frame.fov_rad, size)
+    ys, xs = np.mgrid[0:size, 0:size] + 0.5
+    rays = np.stack([(xs - K[0, 2]) / K[0, 0], (ys - K[1, 2]) / K[1, 1], np.ones_like(xs)], -1)
+    cam_cv = rays * depth[..., None]
+    c2w_cv = frame.c2w @ np.diag([1.0, -1.0, -1.0, 1.0])
+    points = cam_cv @ c2w_cv[:3, :3].T + c2w_cv[:3, 3]
+    axis = np.argmax(np.abs(points), axis=-1)  # the cube face each pixel shows
+    uv = np.zeros((size, size, 2))
+    for k in range(3):
+        uv[axis == k] = demo.cube_uv(points[axis == k], k)
+    normal = np.sign(np.take_along_axis(points, axis[..., None], -1)) * (axis[..., None] == np.arange(3))
+    textured = erode(passes["alpha"] > 0.999, 2) & (np.sum(normal * _view_dirs(frame, size), axis=-1) > 0.2)
+    footprint = np.zeros((size, size))  # UV distance to the 4 neighbouring pixel centres, the larger
+    for shift in ((0, 1), (1, 0), (0, -1), (-1, 0)):
+        textured &= np.roll(axis, shift, (0, 1)) == axis
+        footprint = np.maximum(footprint, np.linalg.norm(uv - np.roll(uv, shift, (0, 1)), axis=-1))
+    radius = 2.0 * footprint[textured] + 1.0 / _TEXTURE_PX
+    u, v = uv[textured].T
+    lo_u, hi_u = np.floor((u - radius) * _GRID).astype(int), np.floor((u + radius) * _GRID).astype(int)
+    lo_v, hi_v = np.floor((v - radius) * _GRID).astype(int), np.floor((v + radius) * _GRID).astype(int)
+    palette = _srgb_to_linear(np.round(_PALETTE_SRGB * 255) / 255)
+    low, high = np.full((len(u), 3), np.inf), np.full((len(u), 3), -np.inf)
+    for du in range(_GRID + 1):  # every block in the window (the texture repeats: _GRID + 1 columns see all)
+        for dv in range(_GRID + 1):
+            inside = ((lo_u + du <= hi_u) & (lo_v + dv <= hi_v))[:, None]
+            colour = palette[grid[(lo_v + dv) % _GRID, (lo_u + du) % _GRID]]
+            low = np.where(inside, np.minimum(low, colour), low)
+            high = np.where(inside, np.maximum(high, colour), high)
+    pixels = basecolor[textured]
+    misplaced = np.zeros_like(textured)
+    misplaced[textured] = np.any((pixels < low - 0.02) | (pixels > high + 0.02), axis=-1)
+    return misplaced, textured
+
+
+def test_texture_lookups_stay_local_on_software_gl(tmp_path, render_python, supervisor, worker_config):
+    """Every textured pixel of the base colour AOV (1 sample) shows a blend of texels near its own UV.
+
+    The cube's texture is a grid of flat colour blocks. A pixel's UV comes from its depth and camera; its
+    filter reaches at most a trilinear footprint around it (here: twice the UV distance to the neighbouring
+    pixels, plus a texel), so its colour must lie in the box spanned by the block colours in that window. A
+    texel fetched from elsewhere shows another block's colour, outside that box unless the local blocks happen
+    to span it: the count is a lower bound. Llvmpipe's anisotropic filtering (Blender's default, FILTER_2)
+    put such texels along the triangle diagonals (330 of 46170 pixels here); the child turns it off on
+    software GL.
+    """
+    asset, grid = _block_cube(tmp_path, render_python)
+    passes = ("beauty", "alpha", "depth", "basecolor")
+    recipe = recipe_config("lh", num_views=4, resolution_px=128, samples=1, passes=passes)
+    record = _render([asset], recipe, tmp_path / "out", supervisor, worker_config)["block_cube"]
+    assert record.result.is_ok, record.result
+    render_set = RenderSet.open(record.result.out_dir)
+    if not supervisor.info.is_software_gl:
+        pytest.skip(f"the artifact is software GL's; this machine renders on {supervisor.info.gl_renderer}")
+    misplaced, textured = 0, 0
+    for frame in render_set.frames:
+        bad, mask = _misplaced_texels(frame, grid)
+        misplaced, textured = misplaced + int(bad.sum()), textured + int(mask.sum())
+    assert textured > 20000
+    assert misplaced <= 1e-4 * textured, f"{misplaced} of {textured} textured pixels show far-away texels"
+    assert render_set.meta["renderer"]["anisotropic_filter"] == "FILTER_0"
 
 
 def _spot_env_map(path, azimuth_rad: float, elevation_rad: float, size=(128, 256)) -> np.ndarray:

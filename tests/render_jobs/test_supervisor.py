@@ -2,6 +2,7 @@
 
 import os
 import signal
+import tempfile
 import threading
 import time
 
@@ -86,3 +87,35 @@ def test_software_gl_is_refused_unless_allowed(tmp_path, demo_assets, render_pyt
         pytest.skip(f"this machine renders on {info.gl_renderer}")
     assert record.result.reason == "gl_software_fallback"
     assert info.gl_renderer in record.result.message
+
+
+def test_child_temp_folders_are_removed_whatever_ends_them(tmp_path, monkeypatch, demo_assets, render_python):
+    """A child ends by SIGKILL (close, recycle, timeout, crash), so it never cleans up after itself: its
+    scratch and Blender's `blender_*` session folder must live in a folder the supervisor owns and removes."""
+    temp = tmp_path / "system_temp"
+    temp.mkdir()
+    (temp / "someone_elses").mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    before = sorted(os.listdir(temp))
+    cfg = RenderWorkerConfig(
+        render_python=str(render_python), allow_software_gl=True, timeout_s=10, max_assets_per_child=8
+    )
+    out = tmp_path / "out"
+    with RenderSupervisor(cfg) as supervisor:
+        supervisor.start()
+        (child_temp,) = set(os.listdir(temp)) - set(before)  # one folder per child holds all it writes
+        assert child_temp.startswith("near-render-")
+        assert any(name.startswith("blender_") for name in os.listdir(temp / child_temp))
+        assets = [demo_assets[name] for name in sorted(demo_assets)] * 4  # 20 renders: recycled after 8, 16
+        for record in render_files(assets, TINY, out, worker=cfg, supervisor=supervisor):
+            assert record.result.is_ok, record.result
+        assert supervisor.restarts == 2
+        hung_asset = _hanging_obj(tmp_path / "hung")
+        (hung,) = render_files([hung_asset], TINY, out, worker=cfg, supervisor=supervisor)
+        assert hung.result.reason == "timeout"
+        os.kill(supervisor.start().pid, signal.SIGKILL)
+        (crashed,) = render_files([demo_assets["rough_cone"]], TINY, out, worker=cfg, supervisor=supervisor)
+        assert crashed.result.reason == "worker_crashed"
+        supervisor.start()  # and one that close() ends
+    assert sorted(os.listdir(temp)) == before
