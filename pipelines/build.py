@@ -29,7 +29,10 @@ from catalogs.commit import StepResult, commit_batch, write_batch
 from catalogs.packs import ArraySlice, read_asset
 from catalogs.planner import Plan, plan
 from catalogs.releases import ReleaseExistsError, ReleaseSpec, create_release
+from catalogs.sources import SkippedSource
 from catalogs.tables import FactoryCatalog
+from infra.errors import ConfigError
+from pipelines import scratch
 from pipelines.build_config import BuildConfig
 from pipelines.executors import EncoderActor, RenderActor
 from pipelines.ingest import ingest
@@ -84,6 +87,8 @@ class BuildRecord:
     latent_moments: dict[str, list[list[float]]] = dataclasses.field(default_factory=dict)
     """slat step -> [count, per-channel sum, per-channel sum of squares] over this build's latents."""
     failures: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    skipped_sources: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    """Source entries ingest did not take, as `catalogs.sources.SkippedSource.to_dict` gives them."""
     sheets: list[str] = dataclasses.field(default_factory=list)
     release: dict[str, Any] | None = None
     seconds: float = 0.0
@@ -133,6 +138,7 @@ class BuildRecord:
             "voxels": self.voxels,
             "latent_stats": self.latent_stats(),
             "failures": self.failures,
+            "skipped_sources": self.skipped_sources,
             "sheets": self.sheets,
             "release": self.release,
             "seconds": self.seconds,
@@ -143,13 +149,16 @@ def new_run_id() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ-") + secrets.token_hex(3)
 
 
-def prepare(config: BuildConfig, run_id: str) -> tuple[FactoryCatalog, Any, pa.Table]:
-    """Catalog, step graph (with the models' digests) and this build's sources, registered."""
+def prepare(
+    config: BuildConfig, run_id: str
+) -> tuple[FactoryCatalog, Any, pa.Table, list[SkippedSource]]:
+    """Catalog, step graph (with the models' digests), this build's sources (registered) and the source
+    entries ingest skipped."""
     catalog = FactoryCatalog(config.data_root, config.catalog_uri)
-    sources = ingest(catalog, config, run_id)
+    sources, skipped = ingest(catalog, config, run_id)
     graph = build_graph(config, model_weights(config))
     catalog.register_specs(list(graph.specs))
-    return catalog, graph, sources
+    return catalog, graph, sources, skipped
 
 
 def run_build(
@@ -161,9 +170,9 @@ def run_build(
     """Build, commit and release; `on_progress(message, done, total)` after each committed result."""
     started = time.perf_counter()
     run_id = new_run_id()
-    catalog, graph, sources = prepare(config, run_id)
+    catalog, graph, sources, skipped = prepare(config, run_id)
     work = plan(catalog, graph, sources, retry_failed=retry_failed)
-    record = BuildRecord(run_id, planned=work.counts())
+    record = BuildRecord(run_id, planned=work.counts(), skipped_sources=[s.to_dict() for s in skipped])
     if work.todo.num_rows:
         _init_ray(config)
         _Executor(config, catalog, work, sources, record, on_progress).run()
@@ -227,9 +236,12 @@ class _Executor:
         )
         slots = int(ray.cluster_resources().get("render_slot", 0))
         if slots < 1:
-            raise RuntimeError(
+            raise ConfigError(
                 "no node of the Ray cluster declares a render_slot resource (ray start --resources)"
             )
+        self.run_dir = config.scratch_dir / record.run_id
+        scratch.remove_stale_runs(config.scratch_dir)
+        self.claim = scratch.claim(self.run_dir)
         actor = ray.remote(RenderActor)
         self.render_actors = [
             actor.options(
@@ -239,7 +251,7 @@ class _Executor:
                 num_gpus=config.execution.render_gpus,
                 max_restarts=2,
                 max_task_retries=1,
-            ).remote(worker)
+            ).remote(worker, str(self.run_dir))
             for i in range(slots)
         ]
         self.idle = list(self.render_actors)
@@ -275,8 +287,9 @@ class _Executor:
         self._flush(force=True)
         for actor in self.render_actors:
             ray.get(actor.shutdown.remote())
+        scratch.release(self.claim)
         if not self.config.execution.keep_renders:  # every set was consumed; only empty folders remain here
-            shutil.rmtree(self.config.scratch_dir / self.record.run_id, ignore_errors=True)
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
     # -- scheduling ---------------------------------------------------------------------------------------------
 
@@ -329,12 +342,7 @@ class _Executor:
             actor = self.idle.pop()
             recipe = self.config.recipes[RENDER_STEPS[step]]
             source_id = self.source_id[asset]
-            out_dir = (
-                self.config.scratch_dir
-                / self.record.run_id
-                / recipe.name
-                / asset_dir_name(Path(asset), source_id)
-            )
+            out_dir = self.run_dir / recipe.name / asset_dir_name(Path(asset), source_id)
             request = RenderRequest(self.uri[asset], str(out_dir), source_id, recipe.to_dict())
             sheet = str(self.report_dir / "sheets" / f"{out_dir.name}_{recipe.name}.png")
             if step == "render_lh":

@@ -22,6 +22,7 @@ from encoders.shaded_slat import ShadedSlatConfig, input_view_frames, shaded_sla
 from encoders.slat_flow import SlatFlowModel, load_slat_flow
 from encoders.voxelize import voxelize_mesh
 from infra.errors import AssetRejected
+from pipelines import scratch
 from render_jobs.protocol import RenderRequest, RenderResult
 from render_jobs.render_set import RenderSet
 from render_jobs.supervisor import RenderSupervisor, RenderWorkerConfig
@@ -59,9 +60,12 @@ def render_set_arrays(render_set: RenderSet) -> dict[str, np.ndarray]:
 
 
 class RenderActor:
-    """Renders one asset at a time through its own supervised render child."""
+    """Renders one asset at a time through its own supervised render child, into the run's folder of this node's
+    scratch, which it claims (and where it first removes what killed builds left: `pipelines.scratch`)."""
 
-    def __init__(self, worker: RenderWorkerConfig) -> None:
+    def __init__(self, worker: RenderWorkerConfig, run_dir: str) -> None:
+        scratch.remove_stale_runs(Path(run_dir).parent)
+        self.claim = scratch.claim(Path(run_dir))
         self.supervisor = RenderSupervisor(worker)
 
     def node_id(self) -> str:
@@ -127,6 +131,7 @@ class RenderActor:
 
     def shutdown(self) -> None:
         self.supervisor.close()
+        scratch.release(self.claim)
 
 
 class EncoderActor:

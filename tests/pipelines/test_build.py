@@ -4,13 +4,20 @@ own records (versioned_catalogs.md section 4.7).
 One data root is built several times in order; each test changes one thing and checks exactly what ran.
 """
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import ray
 
+from catalogs.keys import sha256_file
 from catalogs.release_reader import Release
 from pipelines.build import RELEASE_ROLES, BuildRecord, run_build
 from pipelines.build_config import BuildConfig
@@ -18,6 +25,8 @@ from pipelines.demo import write_demo_models
 from pipelines.report import write_report
 
 pytestmark = [pytest.mark.ray, pytest.mark.blender, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
 
 TINY_RECIPES = {
     "lh": {"num_views": 4, "resolution_px": 48, "samples": 1},
@@ -130,6 +139,50 @@ def test_report_lists_steps_and_contact_sheets(first_build: BuildRecord, workspa
     html = write_report(first_build, workspace["root"] / "data").read_text()
     assert "render_relight" in html and "textured_cube" in html
     assert len(first_build.sheets) == 6  # lh, input, relight per asset
+
+
+def _chunk(pack: Path, array: str) -> Path:
+    return next(path for path in sorted((pack / array / "c").rglob("*")) if path.is_file())
+
+
+def test_verify_deep_names_five_kinds_of_damage_in_a_built_root(first_build: BuildRecord, workspace, tmp_path) -> None:
+    """A copy of a built root verifies clean; with a missing chunk, a flipped byte, a truncated zarr.json, a deleted
+    pack and swapped manifest rows, `near catalog verify --deep` names all five and exits non-zero."""
+    root = tmp_path / "data"
+    shutil.copytree(workspace["root"] / "data", root)
+
+    def verify() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pipelines.cli", "catalog", "--root", str(root), "verify", "--deep"],
+                              capture_output=True, text=True, env={**os.environ, "COLUMNS": "300"}, cwd=REPO)
+
+    clean = verify()
+    assert clean.returncode == 0 and " 0 problems" in clean.stdout, clean.stdout + clean.stderr
+    release = Release.open(root, "v1")
+    pack = {role: root / release._row("textured_cube.glb", role)["pack_path"] for role in RELEASE_ROLES}
+    _chunk(pack["features"], "feats_lh").unlink()
+    flipped = _chunk(pack["slat_lh"], "latent")
+    raw = flipped.read_bytes()
+    flipped.write_bytes(raw[:40] + bytes([raw[40] ^ 1]) + raw[41:])
+    metadata = pack["slat_bc"] / "latent" / "zarr.json"
+    metadata.write_bytes(metadata.read_bytes()[:60])
+    shutil.rmtree(pack["relight"])
+    folder = root / "releases" / "v1"
+    rows = pq.read_table(folder / "manifest.parquet").to_pylist()
+    first, second = (i for i, row in enumerate(rows) if row["role"] == "slat_shaded")
+    for column in ("artifact_key", "pack_path", "arrays", "content_digest"):
+        rows[first][column], rows[second][column] = rows[second][column], rows[first][column]
+    pq.write_table(pa.Table.from_pylist(rows, schema=release.manifest.schema), folder / "manifest.parquet")
+    info = json.loads((folder / "release.json").read_text())
+    (folder / "release.json").write_text(json.dumps({**info, "manifest_sha256": sha256_file(folder / "manifest.parquet")}))
+
+    damaged = verify()
+    assert damaged.returncode == 1 and "Traceback" not in damaged.stderr, damaged.stderr
+    out = damaged.stdout
+    assert "feats_lh/c/" in out and "is missing" in out, out
+    assert f"{pack['slat_lh'].relative_to(root)}, array 'latent'" in out and "checksum" in out
+    assert f"{pack['slat_bc'].relative_to(root)}, array 'latent'" in out and "JSONDecodeError" in out
+    assert f"pack {pack['relight'].relative_to(root)}: the pack folder is missing" in out
+    assert "release v1: the manifest differs from the catalog's tagged snapshot" in out
 
 
 def test_incremental_rebuilds_run_exactly_what_changed(

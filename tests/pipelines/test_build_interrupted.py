@@ -1,5 +1,5 @@
 """Killing the build's driver (with the local Ray it started) mid-build, then rerunning: nothing committed is
-lost or done twice, and the release ends complete and consistent."""
+lost or done twice, the release ends complete and consistent, and the killed run's scratch is removed."""
 
 import os
 import re
@@ -73,6 +73,7 @@ def test_a_killed_driver_loses_nothing_committed(tmp_path, demo_assets, render_p
     catalog = FactoryCatalog(data_root)
     before = catalog.ok_artifacts()["artifact_key"].to_pylist()
     assert 4 <= len(before) < len(ASSETS) * STEPS, "killed mid-build"
+    (killed_run,) = (data_root / "scratch").iterdir()
 
     try:
         record = run_build(BuildConfig.from_yaml(config_path))
@@ -87,3 +88,4 @@ def test_a_killed_driver_loses_nothing_committed(tmp_path, demo_assets, render_p
     assert set(before) <= set(ok_keys)
     assert list(verify_catalog(catalog, deep=True)) == []
     assert len(Release.open(data_root, "v1").sample_ids) == len(ASSETS)
+    assert not killed_run.exists() and not list((data_root / "scratch").iterdir()), "the killed run's scratch is gone"
