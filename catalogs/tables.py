@@ -39,6 +39,7 @@ from pyiceberg.expressions import AlwaysTrue
 from pyiceberg.io.pyarrow import PyArrowFileIO
 from pyiceberg.table import StaticTable, Table
 from pyiceberg.typedef import EMPTY_DICT, Properties
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
@@ -157,6 +158,7 @@ class FactoryCatalog:
                     f"catalog {self.uri} belongs to data root {catalog_id}, but {root.path} is "
                     f"{root.root_id or 'a root without an id'}: pass this root's own catalog"
                 )
+            self._check_legacy_locations()
             return catalog_id
         self._check_legacy_locations()
         if self.read_only:
@@ -183,17 +185,19 @@ class FactoryCatalog:
         return root.root_id
 
     def _check_legacy_locations(self) -> None:
-        """A catalog made before root ids stores absolute locations: it is this root's only if they lie in it."""
+        """Tables made before root-relative locations store absolute ones: the catalog is this root's only if
+        they lie in it. Read from the catalog's own rows (the JDBC catalog schema), before pyiceberg would
+        follow them into another root's files."""
         inside = (self.data_root / "warehouse").as_uri() + "/"
-        for name in SCHEMAS:
-            try:
-                location = self._catalog.load_table(f"{NAMESPACE}.{name}").metadata_location
-            except NoSuchTableError:
-                continue
-            if not location.startswith(inside):
+        query = text("SELECT table_name, metadata_location FROM iceberg_tables "
+                     "WHERE catalog_name = :catalog AND table_namespace = :namespace")
+        with self._catalog.engine.connect() as connection:
+            rows = connection.execute(query, {"catalog": self._catalog.name, "namespace": NAMESPACE}).all()
+        for name, location in rows:
+            if location and not location.startswith((ROOT_URI, inside)):
                 raise CatalogMismatch(
                     f"catalog {self.uri} keeps table {name} at {location}, outside {self.data_root}: it belongs to "
-                    f"another root, or this root was moved, which roots made before root ids cannot be"
+                    f"another root, or this root was moved, which roots made before root-relative locations cannot be"
                 )
 
     def _load(self, name: str) -> Table:

@@ -12,7 +12,7 @@ Every relative path is relative to the YAML file's folder.
 """
 
 import dataclasses
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
 from catalogs.errors import check_release_name
@@ -59,7 +59,7 @@ class SourceConfig(FrozenConfig):
     limit: PositiveInt | None = None
     download_processes: PositiveInt = 8
     max_file_mb: PositiveInt = 512
-    """Largest file taken out of a GitHub repository archive."""
+    """Most one asset may extract from a GitHub repository archive: the file and a glTF's buffers and images."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -67,6 +67,11 @@ class SourceConfig(FrozenConfig):
             raise ConfigFieldError("path", "a local source needs a path")
         if self.kind == "local" and not Path(self.path).is_dir():
             raise ConfigFieldError("path", f"no folder at {self.path!r}")
+        pattern = PurePosixPath(self.pattern)
+        if not self.pattern or pattern.is_absolute() or ".." in pattern.parts:
+            raise ConfigFieldError(
+                "pattern", f"must be a glob relative to source.path (no leading '/', no '..'), got {self.pattern!r}"
+            )
         if self.ids_file is not None and not Path(self.ids_file).is_file():
             raise ConfigFieldError("ids_file", f"no file at {self.ids_file!r}")
         check_field(

@@ -10,7 +10,7 @@ an ingest.
 """
 
 import logging
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
@@ -31,7 +31,7 @@ def find_sources(config: BuildConfig) -> tuple[pa.Table, list[SkippedSource]]:
     """`catalogs.sources.SOURCE_ROW_SCHEMA` rows of every asset the source holds now, and the entries skipped.
 
     Raises:
-        ConfigError: a local source whose folder is missing, or whose pattern cannot name files under it.
+        ConfigError: a local source whose folder is missing.
     """
     source = config.source
     if source.kind == "demo":
@@ -43,12 +43,6 @@ def find_sources(config: BuildConfig) -> tuple[pa.Table, list[SkippedSource]]:
         folder = Path(source.path)
         if not folder.is_dir():
             raise ConfigError(f"source.path must be a folder, got {source.path!r}")
-        pattern = PurePosixPath(source.pattern)
-        if not source.pattern or pattern.is_absolute() or ".." in pattern.parts:
-            raise ConfigError(
-                f"source.pattern must be a glob relative to source.path (no leading '/', no '..'), "
-                f"got {source.pattern!r}"
-            )
         matched = set(folder.glob(source.pattern))  # asset files (no symlink out of the folder) that match
         files = [path for path in find_asset_files([folder]) if path in matched]
         rows, skipped = file_rows(folder, files, origin=f"local:{source.path}")

@@ -321,3 +321,49 @@ def test_every_project_exception_derives_from_the_error_base():
                     if not issubclass(value, FactoryError):
                         outside.append(f"{info.name}.{name}")
     assert outside == []
+
+
+# roots and packs made before these checks -----------------------------------------------------------------------
+
+
+def test_a_root_made_before_root_ids_is_adopted_in_place_and_refused_once_moved(tmp_path):
+    """The catalog of an older root stores absolute `file://` locations and no root id."""
+    from pyiceberg.catalog.sql import SqlCatalog
+
+    from catalogs.tables import NAMESPACE, SCHEMAS
+
+    legacy = tmp_path / "legacy"
+    (legacy / "packs").mkdir(parents=True)
+    old = SqlCatalog("near", uri=f"sqlite:///{legacy / 'catalog.db'}", warehouse=(legacy / "warehouse").as_uri())
+    old.create_namespace(NAMESPACE)
+    for name, schema in SCHEMAS.items():
+        old.create_table(f"{NAMESPACE}.{name}", schema=schema)
+
+    assert FactoryCatalog(legacy, read_only=True).root_id is None and not (legacy / "near-root.json").exists()
+    adopted = FactoryCatalog(legacy)
+    assert adopted.root_id and json.loads((legacy / "near-root.json").read_text())["root_id"] == adopted.root_id
+    adopted.register_sources(synthetic_sources(1))
+    moved = tmp_path / "moved"
+    shutil.move(legacy, moved)
+    with pytest.raises(CatalogMismatch, match="outside"):
+        FactoryCatalog(moved, read_only=True)
+
+
+def test_packs_without_checksums_are_read_against_their_digest(tmp_path):
+    """A `near-pack/1` pack may omit an all-zero chunk: its zeros are data only if the digest says so."""
+    from catalogs.packs import write_pack
+
+    arrays = {"shadow": np.zeros((2, 8, 8), np.float16), "beauty": np.ones((2, 8, 8), np.float16)}
+    (packed,) = write_pack(tmp_path, "relight", "c" * 64, "run", [("k" * 64, arrays)])
+    pack = tmp_path / packed.pack_path
+    meta = json.loads((pack / "zarr.json").read_text())
+    (pack / "zarr.json").write_text(json.dumps({**meta, "attributes": {**meta["attributes"], "format": "near-pack/1"}}))
+    for chunk in [p for p in (pack / "shadow" / "c").rglob("*") if p.is_file()]:
+        chunk.unlink()  # as zarr skipped all-zero chunks then
+    reader = PackReader(tmp_path, packed.pack_path)
+    assert not reader.is_checked
+    np.testing.assert_array_equal(reader.read(packed.arrays, digest=packed.content_digest)["shadow"], arrays["shadow"])
+    for chunk in [p for p in (pack / "beauty" / "c").rglob("*") if p.is_file()]:
+        chunk.unlink()  # real data lost: zeros now, which the digest refuses
+    with pytest.raises(DamagedPackError, match="content digest"):
+        PackReader(tmp_path, packed.pack_path).read(packed.arrays, digest=packed.content_digest)
