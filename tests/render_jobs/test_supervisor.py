@@ -52,7 +52,14 @@ def test_sigkilled_child_is_recorded_with_its_stderr_tail_and_the_worker_carries
     with RenderSupervisor(cfg) as supervisor:
         supervisor.start()
         victim = supervisor.child_pid
-        killer = threading.Timer(4.0, os.kill, (victim, signal.SIGKILL))
+
+        def kill_mid_render() -> None:  # once the child has begun writing this asset's (partial) folder
+            deadline = time.monotonic() + 120
+            while not list(tmp_path.glob(f"*.partial-{victim}/*")) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            os.kill(victim, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_mid_render)
         killer.start()
         killed = next(render_files([demo_assets["metal_torus"]], slow, tmp_path, worker=cfg, supervisor=supervisor))
         killer.join()
