@@ -225,9 +225,9 @@ class PackReader:
     def read(self, arrays: Sequence[ArraySlice], *, where: str = "", digest: str | None = None) -> dict[str, np.ndarray]:
         """One asset's arrays, one slice each. With `digest` (required for unchecked packs, whose reads could
         hold fill values), the arrays must be all of the asset's and hash to it."""
-        out = {a.name: self.rows(a, slice(a.row_start, a.row_start + a.row_count), where=where) for a in arrays}
         if digest is None and not self.is_checked:
             raise ValueError(f"pack {self.pack_path} ({self.format}) has no chunk checksums: pass the content digest")
+        out = {a.name: self.rows(a, slice(a.row_start, a.row_start + a.row_count), where=where) for a in arrays}
         if digest is not None and content_digest(out) != digest:
             raise DamagedPackError(self.pack_path, "", "content digest mismatch: these are not the bytes committed", where)
         return out

@@ -26,6 +26,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from catalogs.commit import StepResult, commit_batch, write_batch
+from catalogs.errors import DamagedPackError
 from catalogs.packs import ArraySlice, read_asset
 from catalogs.planner import Plan, plan
 from catalogs.releases import ReleaseExistsError, ReleaseSpec, create_release
@@ -492,18 +493,20 @@ class _Executor:
     # -- stored inputs ------------------------------------------------------------------------------------------
 
     def _stored(self, asset: str, step: str) -> dict[str, np.ndarray]:
-        """An input committed before this build (what the plan found `ok`), read from its pack."""
+        """An input committed before this build (what the plan found `ok`), read from its pack and checked
+        against its content digest. LookupError when it is absent or damaged: only that asset's steps fail."""
         if self.ok_before is None:  # read once: per asset it would make a large rebuild quadratic
             ok = self.catalog.ok_artifacts()
-            self.ok_before = dict(
-                zip(ok["artifact_key"].to_pylist(), ok.select(["pack_path", "arrays"]).to_pylist())
-            )
+            rows = ok.select(["pack_path", "arrays", "content_digest"]).to_pylist()
+            self.ok_before = dict(zip(ok["artifact_key"].to_pylist(), rows))
         row = self.ok_before.get(self.keys[(asset, step)])
         if row is None:
             raise LookupError(f"no ok {step} artifact for {asset}")
-        return read_asset(
-            self.config.data_root, row["pack_path"], [ArraySlice.from_dict(a) for a in row["arrays"]]
-        )
+        slices = [ArraySlice.from_dict(a) for a in row["arrays"]]
+        try:
+            return read_asset(self.config.data_root, row["pack_path"], slices, digest=row["content_digest"])
+        except DamagedPackError as err:
+            raise LookupError(str(err)) from err
 
     def _stored_features(self, asset: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         stored = self._stored(asset, "features")
