@@ -5,6 +5,7 @@ This is the only module of the project that imports bpy; it runs in the render e
 
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -232,10 +233,13 @@ def mesh_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 
 def asset_stats() -> dict[str, Any]:
-    """Vertices, faces, materials, textures and missing textures of what renders.
+    """Vertices, faces, materials, textures and missing textures of what renders, and which PBR maps it has.
 
     Textures are every image the file holds with users (material nodes, legacy texture slots, UV editors):
     an image a file references but cannot find is a missing texture wherever it is referenced from.
+    `has_base_color_texture`, `has_metallic_roughness_texture` and `has_normal_texture` say whether some
+    rendered material shades through a Principled BSDF whose input of that kind is fed by an image that exists
+    (see `_pbr_texture_flags`); run it after `rebuild_missing_shader_groups` so rebuilt materials count.
     """
     instances = _mesh_instances()
     materials = set()
@@ -252,6 +256,7 @@ def asset_stats() -> dict[str, Any]:
         "textures": len(images),
         "missing_textures": len(missing),
         "missing_texture_names": missing,
+        **_pbr_texture_flags(materials),
     }
 
 
@@ -259,6 +264,91 @@ def _is_missing(image: Any) -> bool:
     if image.packed_file or image.source not in ("FILE", "SEQUENCE", "MOVIE"):
         return False
     return not os.path.isfile(bpy.path.abspath(image.filepath, library=image.library))
+
+
+_PBR_TEXTURE_INPUTS = {
+    "has_base_color_texture": ("Base Color",),
+    "has_metallic_roughness_texture": ("Metallic", "Roughness"),  # glTF packs both in one image (G, B)
+    "has_normal_texture": ("Normal",),  # through a Normal Map (or Bump) node
+}
+_MAX_GROUP_DEPTH = 8
+"""Node groups nested deeper than this are not entered when tracing what feeds a socket."""
+
+
+def _pbr_texture_flags(materials: set[Any]) -> dict[str, bool]:
+    """For each flag of _PBR_TEXTURE_INPUTS: does a material's Principled BSDF read that input from an image?
+
+    Only Principled BSDFs that shade the surface count (upstream of the active material output, node groups
+    included). An input counts when an Image Texture node with an existing image (packed, or a file on disk)
+    lies anywhere upstream of it: through mix, math, separate-color or normal-map nodes and through node
+    groups. Vertex colors, procedural textures and images that are missing or only generated are not textures.
+    """
+    flags = dict.fromkeys(_PBR_TEXTURE_INPUTS, False)
+    for material in materials:
+        tree = material.node_tree
+        if tree is None:
+            continue
+        outputs = [n for n in tree.nodes if n.type == "OUTPUT_MATERIAL" and n.is_active_output] or [
+            n for n in tree.nodes if n.type == "OUTPUT_MATERIAL"
+        ]
+        surfaces = [(n.inputs["Surface"], ()) for n in outputs]
+        for bsdf, path in _upstream_nodes(surfaces):
+            if bsdf.type != "BSDF_PRINCIPLED":
+                continue
+            for flag, names in _PBR_TEXTURE_INPUTS.items():
+                sockets = [(bsdf.inputs[name], path) for name in names if name in bsdf.inputs]
+                images = (node.image for node, _ in _upstream_nodes(sockets) if node.type == "TEX_IMAGE")
+                flags[flag] = flags[flag] or any(_has_pixels(image) for image in images)
+    return flags
+
+
+def _has_pixels(image: Any) -> bool:
+    """The image holds pixels the file brings: packed, or a file (sequence, movie, UDIM tiles) that exists."""
+    if image is None:
+        return False
+    if image.packed_file:
+        return True
+    return image.source in ("FILE", "SEQUENCE", "MOVIE", "TILED") and not _is_missing(image)
+
+
+def _upstream_nodes(sockets: list[tuple[Any, tuple[Any, ...]]]) -> Iterator[tuple[Any, tuple[Any, ...]]]:
+    """Every node whose output reaches one of `sockets`, with the group nodes it is inside (outermost first).
+
+    Each socket comes with its own group path. Links go into a node group (a group node's output continues at
+    the group's output node) and out of it (the group's input node continues at the group node's input);
+    muted links are skipped and muted nodes pass through only their internal links.
+    """
+    stack = list(sockets)
+    seen_sockets, seen_nodes = set(), set()
+    while stack:
+        socket, path = stack.pop()
+        key = (socket.as_pointer(), tuple(n.as_pointer() for n in path))
+        if key in seen_sockets:
+            continue
+        seen_sockets.add(key)
+        for link in socket.links:
+            if link.is_muted or not link.is_valid:
+                continue
+            node, from_socket = link.from_node, link.from_socket
+            if node.mute:
+                through = [il.from_socket for il in node.internal_links if il.to_socket == from_socket]
+                stack.extend((s, path) for s in through)
+            elif node.type == "GROUP":
+                if node.node_tree is not None and len(path) < _MAX_GROUP_DEPTH:
+                    inner = [n for n in node.node_tree.nodes if n.type == "GROUP_OUTPUT"]
+                    inner = [n for n in inner if n.is_active_output] or inner
+                    stack.extend((s, (*path, node)) for n in inner for s in n.inputs
+                                 if s.identifier == from_socket.identifier)
+            elif node.type == "GROUP_INPUT":
+                if path:  # leave the group through the group node's input of the same identifier
+                    outer = [s for s in path[-1].inputs if s.identifier == from_socket.identifier]
+                    stack.extend((s, path[:-1]) for s in outer)
+            else:
+                node_key = (node.as_pointer(), key[1])
+                if node_key not in seen_nodes:
+                    seen_nodes.add(node_key)
+                    yield node, path
+                    stack.extend((s, path) for s in node.inputs)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -49,6 +49,37 @@ EXPECTED = {
 }
 AUTOEXEC_MARKER = Path(tempfile.gettempdir()) / "asset_autoexec_marker_text"
 
+# The PBR maps each ok asset reads from existing images (stats' has_*_texture), found by inspecting its
+# materials in Blender after the missing glTF shader groups are rebuilt. Assets not listed have none; notably:
+# scenes/01_missing_textures.blend: its Base Color image node is empty, its other textures' file is absent;
+# scenes/04_common_materials.blend: the crate png is loaded but wired to no node (its .gltf twin uses it);
+# scenes/01_linked_collection.blend, collection_to_link.blend: a procedural checker, no image;
+# scenes/19_sheen.blend, 15_transmission.gltf: their images feed only sheen / transmission;
+# scenes/RobotExpressive.blend: its one image is missing and used by no material node; Box.glb: no images.
+BASE_COLOR_TEXTURED = {
+    "gltf-blender-io/scenes/01_textured_sphere.blend": "BaseColor png beside it, into the rebuilt glTF group",
+    "gltf-blender-io/scenes/02_suzanne.blend": "BaseColor png beside it, into the rebuilt glTF group",
+    "gltf-blender-io/scenes/01_alpha_blend.blend": "the plane's png beside it, into the rebuilt glTF group",
+    "gltf-blender-io/scenes/24_vertex_colors.blend": "one mesh mixes a packed image with its vertex colors",
+    "gltf-blender-io/roundtrip/01_textured_sphere/01_textured_sphere.gltf": "baseColorTexture",
+    "gltf-blender-io/roundtrip/02_suzanne/02_suzanne.gltf": "baseColorTexture",
+    "gltf-blender-io/roundtrip/04_common_materials/04_common_materials.gltf": "the crate's baseColorTexture",
+}
+METALLIC_ROUGHNESS_TEXTURED = {
+    "gltf-blender-io/scenes/01_textured_sphere.blend": "ORM png through Separate Color, rebuilt glTF group",
+    "gltf-blender-io/scenes/02_suzanne.blend": "ORM png through Separate Color, rebuilt glTF group",
+    "gltf-blender-io/roundtrip/01_textured_sphere/01_textured_sphere.gltf": "metallicRoughnessTexture",
+    "gltf-blender-io/roundtrip/02_suzanne/02_suzanne.gltf": "metallicRoughnessTexture",
+    "gltf-blender-io/roundtrip/08_combine_orm/08_combine_orm.gltf": "metallicRoughnessTexture only",
+}
+NORMAL_TEXTURED = {
+    "gltf-blender-io/scenes/01_textured_sphere.blend": "Normal png through a Normal Map, rebuilt glTF group",
+    "gltf-blender-io/scenes/02_suzanne.blend": "Normal png through a Normal Map, rebuilt glTF group",
+    "gltf-blender-io/scenes/08_clearcoat.blend": "08_normal_ribs.png via a Normal Map (other maps: unwired)",
+    "gltf-blender-io/roundtrip/01_textured_sphere/01_textured_sphere.gltf": "normalTexture",
+    "gltf-blender-io/roundtrip/02_suzanne/02_suzanne.gltf": "normalTexture",
+}
+
 
 @pytest.fixture(scope="module")
 def shared_report(tmp_path_factory, render_python) -> dict[str, dict]:
@@ -88,6 +119,18 @@ def test_outcome_matches_the_assets_readme(shared_report, relpath):
         assert alpha.max() > 0
         assert beauty[alpha > 0.5].mean() > 0.01, "the asset renders black: its shading is lost"
         assert record["stats"]["faces"] > 0 and record["stats"]["vertices"] > 0
+
+
+@pytest.mark.parametrize(("stat", "textured"), [
+    ("has_base_color_texture", BASE_COLOR_TEXTURED),
+    ("has_metallic_roughness_texture", METALLIC_ROUGHNESS_TEXTURED),
+    ("has_normal_texture", NORMAL_TEXTURED),
+])
+def test_pbr_texture_flags_match_inspection(shared_report, stat, textured):
+    ok = {relpath: record["stats"] for relpath, record in shared_report.items() if record["status"] == "ok"}
+    assert set(textured) <= set(ok)
+    assert {relpath for relpath, stats in ok.items() if stats[stat] is True} == set(textured)
+    assert all(isinstance(stats[stat], bool) for stats in ok.values())
 
 
 def test_missing_textures_are_counted(shared_report):
