@@ -29,6 +29,8 @@ MANIFEST_FILE = "manifest.parquet"
 RECORD_FIELDS = ("name", "manifest", "manifest_sha256", "snapshot_id", "roles", "num_rows", "num_samples", "splits")
 """Fields every release.json has; a missing or null one is damage."""
 MANIFEST_COLUMNS = ("sample_id", "split", "role", "step", "artifact_key", "pack_path", "arrays", "content_digest")
+SHARED_SPLIT = "shared"
+"""Split of the rows of a shared role: one per env map, not per asset, in no training split."""
 OPEN_PACKS = 64
 """Packs kept open per reader (an LRU)."""
 
@@ -102,7 +104,9 @@ class Release:
 
     @property
     def sample_ids(self) -> list[str]:
-        return list(dict.fromkeys(self.manifest["sample_id"].to_pylist()))
+        """The assets of the release (not the shared rows, such as its env maps)."""
+        rows = self.manifest.filter(pc.not_equal(self.manifest["split"], SHARED_SPLIT))
+        return list(dict.fromkeys(rows["sample_id"].to_pylist()))
 
     def split(self, name: str) -> list[str]:
         rows = self.manifest.filter(pc.equal(self.manifest["split"], name))

@@ -13,11 +13,13 @@ import collections
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -26,7 +28,7 @@ import pyarrow.parquet as pq
 from catalogs.errors import CatalogError, ReleaseExistsError, check_release_name
 from catalogs.keys import StepGraph, digest, package_version, sha256_file
 from catalogs.planner import target_keys
-from catalogs.release_reader import MANIFEST_FILE, RELEASE_FILE, release_dir
+from catalogs.release_reader import MANIFEST_FILE, RELEASE_FILE, SHARED_SPLIT, release_dir
 from catalogs.tables import SCHEMAS, FactoryCatalog, utc_now
 
 TAG_PREFIX = "rel-"
@@ -35,23 +37,108 @@ SNAPSHOT_FIELDS = ("snapshot_id", "metadata_location")
 
 
 @dataclasses.dataclass(frozen=True)
+class SampleFilter:
+    """Keep a sample only if the stat `stat` recorded by its `step` artifact satisfies every bound given.
+
+    A sample whose `step` has no `ok` artifact, or whose stats lack `stat` (or hold null), is removed. Bounds
+    are inclusive and apply to numbers only (not booleans); `equals` matches booleans only to booleans. With
+    no bound at all, the filter keeps the samples that recorded the stat.
+
+    Examples:
+        >>> SampleFilter("measure", "num_voxels", min=1, max=65536).describe()
+        '1 <= num_voxels <= 65536'
+        >>> SampleFilter("import", "has_base_color_texture", equals=True).describe()
+        'has_base_color_texture == True'
+    """
+
+    step: str
+    """The step whose `ok` artifact (for the sample's asset) holds the stat in its stats_json."""
+    stat: str
+    """Top-level key of that stats_json."""
+    min: float | None = None
+    max: float | None = None
+    equals: bool | int | float | str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.step or not self.stat:
+            raise ValueError(f"a sample filter needs a step and a stat, got {self.step!r}, {self.stat!r}")
+        for name in ("min", "max"):
+            bound = getattr(self, name)
+            if bound is None:
+                continue
+            if isinstance(bound, bool) or not isinstance(bound, (int, float)) or math.isnan(bound):
+                raise TypeError(f"filter {self.stat}: {name} must be a number, got {bound!r}")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"filter {self.stat}: min {self.min} is above max {self.max}")
+        if self.equals is not None and not isinstance(self.equals, (bool, int, float, str)):
+            raise TypeError(f"filter {self.stat}: equals must be a bool, number or string: {self.equals!r}")
+
+    def keeps(self, value: Any) -> bool:
+        """Whether a recorded value (None: not recorded) satisfies every bound."""
+        if value is None:
+            return False
+        if self.equals is not None:
+            if isinstance(self.equals, bool) or isinstance(value, bool):
+                if value is not self.equals:
+                    return False
+            elif value != self.equals:
+                return False
+        if self.min is None and self.max is None:
+            return True
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+
+    def describe(self) -> str:
+        parts = []
+        if self.equals is not None:
+            parts.append(f"{self.stat} == {self.equals!r}")
+        if self.min is not None and self.max is not None:
+            parts.append(f"{self.min} <= {self.stat} <= {self.max}")
+        elif self.min is not None:
+            parts.append(f"{self.stat} >= {self.min}")
+        elif self.max is not None:
+            parts.append(f"{self.stat} <= {self.max}")
+        return " and ".join(parts) or f"{self.stat} is recorded"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """What `select_samples` found: the samples rows and how the filters narrowed the candidates."""
+
+    rows: pa.Table
+    """SCHEMAS["samples"] rows, one per kept sample and role."""
+    candidates: int
+    """Samples with an `ok` artifact for every role, before the filters."""
+    filters: list[dict[str, Any]]
+    """Per filter, in order: its to_dict(), its `description` and how many samples it `removed`."""
+
+
+@dataclasses.dataclass(frozen=True)
 class ReleaseSpec:
     """Which artifacts form a sample and which samples are in."""
 
     name: str
     roles: Mapping[str, str]
-    """Role in the release -> step whose `ok` artifact fills it (e.g. {"slat_lh": "slat_lh"})."""
+    """Role in the release -> step whose `ok` artifact fills it (e.g. {"latents": "encode"})."""
     val_percent: int = 5
     """Share of samples in the `val` split, by a stable hash of the sample id."""
-    where: Callable[[pa.Table], pa.Array] | None = None
-    """Optional filter over the candidate rows (sample_id, role, step, stats_json, ...) -> boolean mask."""
-    selection: str = ""
-    """Human-readable description of `where`, recorded in release.json."""
+    filters: tuple[SampleFilter, ...] = ()
+    """Applied in order to the complete samples; recorded in release.json with what each removed."""
+    shared_roles: frozenset[str] = frozenset()
+    """Roles with a row per item of their own (the env maps), split `shared`, not per sample."""
 
     def __post_init__(self) -> None:
         check_release_name(self.name)
         if not self.roles:
             raise ValueError("a release needs at least one role")
+        object.__setattr__(self, "filters", tuple(self.filters))
+        wrong = [f for f in self.filters if not isinstance(f, SampleFilter)]
+        if wrong:
+            raise TypeError(f"release filters must be SampleFilter, got {wrong!r}")
 
 
 def record_digest(record: Mapping) -> str:
@@ -63,11 +150,18 @@ def split_of(sample_id: str, val_percent: int) -> str:
     return "val" if int(hashlib.sha256(sample_id.encode()).hexdigest()[:8], 16) % 100 < val_percent else "train"
 
 
-def select_samples(catalog: FactoryCatalog, graph: StepGraph, spec: ReleaseSpec) -> pa.Table:
-    """Samples rows (one per sample and role) of every current source whose every role has an `ok` artifact."""
+def select_samples(catalog: FactoryCatalog, graph: StepGraph, spec: ReleaseSpec) -> Selection:
+    """Samples rows (one per sample and role) of every current source whose every role has an `ok` artifact
+    and that every filter of `spec` keeps. Raises ValueError if a filter names a step the graph lacks."""
+    unknown = sorted({f.step for f in spec.filters} - set(graph.names))
+    if unknown:
+        raise ValueError(f"release {spec.name!r} filters on steps {unknown} that the graph lacks "
+                         f"(it has {sorted(graph.names)})")
     sources = catalog.current_sources()
     steps = set(spec.roles.values())
     targets = target_keys(graph, sources)
+    filter_steps = pa.array(sorted({f.step for f in spec.filters}), pa.string())
+    filter_targets = targets.filter(pc.is_in(targets["step"], filter_steps))
     targets = targets.filter(pc.is_in(targets["step"], pa.array(sorted(steps))))
     ok = catalog.ok_artifacts()
     index = pc.index_in(targets["artifact_key"], value_set=ok["artifact_key"])
@@ -80,16 +174,63 @@ def select_samples(catalog: FactoryCatalog, graph: StepGraph, spec: ReleaseSpec)
         rows = joined.filter(pc.equal(joined["step"], step))
         parts.append(rows.append_column("role", pa.array([role] * rows.num_rows, pa.string())))
     candidates = pa.concat_tables(parts) if parts else joined
-    if spec.where is not None:
-        candidates = candidates.filter(spec.where(candidates))
+    shared = pc.is_in(candidates["role"], pa.array(sorted(spec.shared_roles), pa.string()))
+    shared_rows, candidates = candidates.filter(shared), candidates.filter(pc.invert(shared))
     complete = pc.value_counts(candidates["asset_id"])
-    full = [v["values"] for v in complete.to_pylist() if v["counts"] == len(spec.roles)]
-    rows = candidates.filter(pc.is_in(candidates["asset_id"], pa.array(full, pa.string())))
-    rows = rows.rename_columns({"asset_id": "sample_id"})
-    splits = [split_of(s, spec.val_percent) for s in rows["sample_id"].to_pylist()]
+    per_sample = len(set(spec.roles) - spec.shared_roles)
+    full = sorted(v["values"] for v in complete.to_pylist() if v["counts"] == per_sample)
+    kept, removed = apply_filters(full, _stats_by_step(filter_targets, ok), spec.filters)
+    rows = candidates.filter(pc.is_in(candidates["asset_id"], pa.array(kept, pa.string())))
+    splits = [split_of(s, spec.val_percent) for s in rows["asset_id"].to_pylist()]
     rows = rows.append_column("split", pa.array(splits, pa.string()))
+    if kept:  # a release of no sample needs no shared rows (and is refused as empty)
+        rows = pa.concat_tables([
+            rows, shared_rows.append_column("split", pa.array([SHARED_SPLIT] * shared_rows.num_rows, pa.string()))])
+    rows = rows.rename_columns({"asset_id": "sample_id"})
     rows = rows.append_column("weight", pa.array([1.0] * rows.num_rows, pa.float32()))
-    return rows.select(SCHEMAS["samples"].names).cast(SCHEMAS["samples"]).sort_by([("sample_id", "ascending"), ("role", "ascending")])
+    rows = rows.select(SCHEMAS["samples"].names).cast(SCHEMAS["samples"]).sort_by([("sample_id", "ascending"), ("role", "ascending")])
+    filters = [{**f.to_dict(), "description": f.describe(), "removed": n}
+               for f, n in zip(spec.filters, removed)]
+    return Selection(rows, candidates=len(full), filters=filters)
+
+
+def apply_filters(sample_ids: Sequence[str], stats_by_step: Mapping[str, Mapping[str, Mapping[str, Any]]],
+                  filters: Sequence[SampleFilter]) -> tuple[list[str], list[int]]:
+    """The samples every filter keeps (in the given order) and how many each filter removed of what the
+    filters before it kept.
+
+    Args:
+        sample_ids: candidate samples (their asset ids).
+        stats_by_step: step -> sample id -> the stats of that step's `ok` artifact for the sample; a sample
+            missing here has no `ok` artifact of that step, and every filter on the step removes it.
+        filters: applied in order.
+
+    Examples:
+        >>> f = SampleFilter("measure", "num_voxels", min=2)
+        >>> stats = {"measure": {"a": {"num_voxels": 5}, "b": {"num_voxels": 1}}}  # c: no ok measure
+        >>> apply_filters(["a", "b", "c"], stats, [f])
+        (['a'], [2])
+    """
+    kept, removed = list(sample_ids), []
+    for sample_filter in filters:
+        stats = stats_by_step.get(sample_filter.step, {})
+        passed = [s for s in kept if sample_filter.keeps(stats.get(s, {}).get(sample_filter.stat))]
+        removed.append(len(kept) - len(passed))
+        kept = passed
+    return kept, removed
+
+
+def _stats_by_step(targets: pa.Table, ok: pa.Table) -> dict[str, dict[str, dict[str, Any]]]:
+    """step -> asset id -> stats_json of the `ok` artifact at the asset's target key (absent when not ok)."""
+    index = pc.index_in(targets["artifact_key"], value_set=ok["artifact_key"])
+    found = pc.is_valid(index)
+    stats_json = pc.take(ok["stats_json"], index.filter(found)).to_pylist()
+    out: dict[str, dict[str, dict[str, Any]]] = collections.defaultdict(dict)
+    found_targets = targets.filter(found)
+    steps, asset_ids = found_targets["step"].to_pylist(), found_targets["asset_id"].to_pylist()
+    for step, asset_id, text in zip(steps, asset_ids, stats_json):
+        out[step][asset_id] = json.loads(text) if text else {}
+    return dict(out)
 
 
 def create_release(catalog: FactoryCatalog, graph: StepGraph, spec: ReleaseSpec) -> dict:
@@ -97,7 +238,12 @@ def create_release(catalog: FactoryCatalog, graph: StepGraph, spec: ReleaseSpec)
     folder = release_dir(catalog.data_root, spec.name)
     if (folder / RELEASE_FILE).exists():
         raise ReleaseExistsError(f"release {spec.name!r} already exists ({folder / RELEASE_FILE}); pick a new name")
-    samples = select_samples(catalog, graph, spec)
+    selection = select_samples(catalog, graph, spec)
+    samples = selection.rows
+    if not samples.num_rows and selection.candidates:
+        described = "; ".join(f["description"] for f in selection.filters)
+        raise CatalogError(f"release {spec.name!r} would be empty: the filters removed all "
+                           f"{selection.candidates} complete samples ({described})")
     if not samples.num_rows:
         raise CatalogError(f"release {spec.name!r} would be empty: no source has ok artifacts for every role {dict(spec.roles)}")
     role_specs = {role: {"step": step, "spec_hash": graph.spec_hashes[step]} for role, step in sorted(spec.roles.items())}
@@ -109,8 +255,8 @@ def create_release(catalog: FactoryCatalog, graph: StepGraph, spec: ReleaseSpec)
     record = {
         "name": spec.name, "table": "factory.samples", "tag": tag, "manifest": MANIFEST_FILE,
         "manifest_sha256": manifest_sha256, "num_rows": samples.num_rows,
-        "num_samples": len(set(samples["sample_id"].to_pylist())), "splits": _split_counts(samples), "roles": role_specs,
-        "selection": spec.selection, "val_percent": spec.val_percent,
+        "num_samples": len(kept_samples(samples)), "splits": _split_counts(samples), "roles": role_specs,
+        "candidates": selection.candidates, "filters": selection.filters, "val_percent": spec.val_percent,
         "artifacts_snapshot_id": artifacts_snapshot.snapshot_id if artifacts_snapshot else None,
         "sources_snapshot_id": sources_snapshot.snapshot_id if sources_snapshot else None,
         "code_version": package_version(), "created_at": utc_now().isoformat(),
@@ -132,6 +278,11 @@ def create_release(catalog: FactoryCatalog, graph: StepGraph, spec: ReleaseSpec)
     except FileExistsError:
         raise ReleaseExistsError(f"release {spec.name!r} was published concurrently by another process") from None
     return record
+
+
+def kept_samples(samples: pa.Table) -> set[str]:
+    """The sample ids of a release's rows, not counting its shared rows."""
+    return set(samples.filter(pc.not_equal(samples["split"], SHARED_SPLIT))["sample_id"].to_pylist())
 
 
 def _split_counts(samples: pa.Table) -> dict[str, int]:

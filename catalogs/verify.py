@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from catalogs.errors import CatalogError, DamagedPackError
 from catalogs.packs import ArraySlice, PackReader
-from catalogs.release_reader import RELEASE_FILE, Release
+from catalogs.release_reader import RELEASE_FILE, SHARED_SPLIT, Release
 from catalogs.releases import TAG_PREFIX, record_digest, split_of
 from catalogs.tables import SCHEMAS, FactoryCatalog
 
@@ -119,7 +119,7 @@ def _check_counts(where: str, release: Release) -> Iterator[Problem]:
     splits = dict(zip(manifest["sample_id"].to_pylist(), manifest["split"].to_pylist()))
     facts = {
         "num_rows": manifest.num_rows,
-        "num_samples": len(splits),
+        "num_samples": sum(1 for split in splits.values() if split != SHARED_SPLIT),
         "splits": dict(collections.Counter(splits.values())),
         "roles": sorted(set(manifest["role"].to_pylist())),
     }
