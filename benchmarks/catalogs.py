@@ -32,13 +32,13 @@ from catalogs.release_reader import Release  # noqa: E402
 from catalogs.releases import ReleaseSpec, create_release  # noqa: E402
 from catalogs.tables import FactoryCatalog  # noqa: E402
 
-STEPS = [
-    StepSpec("normalize", "1"),
-    StepSpec("voxelize", "1", inputs=("normalize",), params={"resolution": 64}),
-    StepSpec("render_lh", "1", inputs=("normalize",), params={"views": 150, "resolution_px": 512}),
-    StepSpec("features", "1", inputs=("voxelize", "render_lh"), models={"dinov2": "0" * 64}),
-    StepSpec("slat_lh", "1", inputs=("features",), models={"slat_encoder": "1" * 64}),
-    StepSpec("render_relight", "1", inputs=("normalize",), params={"views": 12, "lightings": 16}),
+STEPS = [  # the build's shape (two renders, voxels, features, a latent) under names of its own
+    StepSpec("mesh", "1"),
+    StepSpec("voxels", "1", inputs=("mesh",), params={"resolution": 64}),
+    StepSpec("views", "1", inputs=("mesh",), params={"views": 150, "resolution_px": 512}),
+    StepSpec("tokens", "1", inputs=("voxels", "views"), models={"dinov2": "0" * 64}),
+    StepSpec("latent", "1", inputs=("tokens",), models={"slat_encoder": "1" * 64}),
+    StepSpec("relit", "1", inputs=("mesh",), params={"views": 12, "lightings": 16}),
 ]
 
 
@@ -111,8 +111,8 @@ def run(root: Path, args: argparse.Namespace) -> dict:
         return targets.filter(pc.equal(targets["step"], step))["artifact_key"].to_pylist()[:n]
 
     t = time.perf_counter()
-    latents = _pack_rows(catalog, "slat_lh", graph.spec_hashes["slat_lh"], keys_of("slat_lh", args.latent_assets), _latent, 256)
-    images = _pack_rows(catalog, "render_relight", graph.spec_hashes["render_relight"], keys_of("render_relight", args.image_assets),
+    latents = _pack_rows(catalog, "latent", graph.spec_hashes["latent"], keys_of("latent", args.latent_assets), _latent, 256)
+    images = _pack_rows(catalog, "relit", graph.spec_hashes["relit"], keys_of("relit", args.image_assets),
                         _image_stack, 16)
     write_packs_s = time.perf_counter() - t
     any_latent, any_image = next(iter(latents.values())), next(iter(images.values()))
@@ -120,7 +120,7 @@ def run(root: Path, args: argparse.Namespace) -> dict:
     t = time.perf_counter()
     step_col = targets["step"].to_pylist()
     key_col = targets["artifact_key"].to_pylist()
-    placed = [latents.get(k) or images.get(k) or (any_image if s == "render_relight" else any_latent) for s, k in zip(step_col, key_col)]
+    placed = [latents.get(k) or images.get(k) or (any_image if s == "relit" else any_latent) for s, k in zip(step_col, key_col)]
     rows = targets.append_column("status", pa.array(["ok"] * targets.num_rows))
     rows = rows.append_column("pack_path", pa.array([p[0] for p in placed]))
     rows = rows.append_column("arrays", pa.array([p[1] for p in placed]))
@@ -135,16 +135,16 @@ def run(root: Path, args: argparse.Namespace) -> dict:
     assert noop.todo.num_rows == 0, noop.counts()
 
     t = time.perf_counter()
-    record = create_release(catalog, graph, ReleaseSpec("bench", {"slat_lh": "slat_lh", "relight": "render_relight"}))
+    record = create_release(catalog, graph, ReleaseSpec("bench", {"latent": "latent", "relight": "relit"}))
     release_s = time.perf_counter() - t
 
     release = Release.open(root, "bench")
-    latent_ids = [r["sample_id"] for r in release.manifest.to_pylist() if r["role"] == "slat_lh" and r["artifact_key"] in latents]
+    latent_ids = [r["sample_id"] for r in release.manifest.to_pylist() if r["role"] == "latent" and r["artifact_key"] in latents]
     image_ids = [r["sample_id"] for r in release.manifest.to_pylist() if r["role"] == "relight" and r["artifact_key"] in images]
     rng = np.random.default_rng(0)
     latent_s, image_s = [], []
     for _ in range(args.reads):
-        for ids, role, out in ((latent_ids, "slat_lh", latent_s), (image_ids, "relight", image_s)):
+        for ids, role, out in ((latent_ids, "latent", latent_s), (image_ids, "relight", image_s)):
             sample = ids[int(rng.integers(len(ids)))]
             t = time.perf_counter()
             release.read(sample, role)

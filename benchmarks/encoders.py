@@ -213,7 +213,7 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--only", nargs="*", default=["voxelize", "dinov2", "backproject", "slat"])
+    parser.add_argument("--only", nargs="*", default=["voxelization", "dinov2", "backproject", "slat"])
     parser.add_argument("--triangles", type=int, nargs="*", default=[10_000, 1_000_000, 5_000_000])
     parser.add_argument(
         "--batch-sizes", type=int, nargs="*", default=None, help="DINOv2 [cpu: 2; cuda: 32 64 128]"
@@ -243,8 +243,8 @@ def main() -> None:
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
-    if "voxelize" in args.only:
-        results["voxelize"] = bench_voxelize(device, args.triangles, args.repeats)
+    if "voxelization" in args.only:
+        results["voxelization"] = bench_voxelize(device, args.triangles, args.repeats)
     if "dinov2" in args.only:
         results["dinov2"] = bench_dinov2(
             device,

@@ -3,10 +3,11 @@
     source_id          = sha256(source bytes)                                  (computed where sources are read)
     spec_hash(step)    = H(step, explicit version, params, model weight digests, opted-in environment)
     artifact_key(s, a) = H("artifact/v1", spec_hash(s), {input role: input id})
-    input id           = source_id for the raw source, else the upstream step's artifact_key
+    input id           = source_id for the raw source, else the upstream step's artifact_key, or, for content
+                         a step draws per asset (the env maps a render's frames use), that content's sha256
 
 so changing one step's spec changes its keys and, through the input ids, the keys of everything downstream
-of it, and nothing else. Canonical JSON: sorted keys, no whitespace, floats by `repr`, NaN refused.
+of it, and nothing else; new bytes of one env map change only the keys of the renders that drew it. Canonical JSON: sorted keys, no whitespace, floats by `repr`, NaN refused.
 """
 
 import dataclasses
@@ -15,11 +16,13 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 SOURCE = "source"
 """The input role naming the raw asset file."""
+ENV_MAP_KIND = "env_map"
+"""`sources.kind` of an environment map: steps run over assets or over env maps (`StepSpec.over`)."""
 
 
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
@@ -59,6 +62,11 @@ class StepSpec:
     """Opted-in environment facts that change outputs (for example the Blender major version)."""
     implementation: tuple[str, ...] = ()
     """Modules whose source defines the step: fingerprinted to catch a forgotten version bump, not hashed."""
+    over: str = "asset"
+    """Which sources the step runs over: `asset` (every source that is not an env map) or `env_map`."""
+    draws: Callable[[str], Mapping[str, str]] | None = dataclasses.field(default=None, compare=False)
+    """source_id -> {input role: content sha256} of the content this asset's output is made from besides its
+    inputs (the env maps its frames draw): part of the artifact key, not of the spec hash."""
 
     def __post_init__(self) -> None:
         if not self.name or self.name == SOURCE:
@@ -67,6 +75,8 @@ class StepSpec:
             raise ValueError(f"step {self.name!r} needs an explicit version")
         if len(set(self.inputs)) != len(self.inputs) or not self.inputs:
             raise ValueError(f"step {self.name!r}: inputs must be distinct and non-empty, got {self.inputs}")
+        if self.over not in ("asset", ENV_MAP_KIND):
+            raise ValueError(f"step {self.name!r}: over must be 'asset' or {ENV_MAP_KIND!r}, got {self.over!r}")
         canonical_json(self.key_fields())  # params, models and env must be plain JSON
 
     def key_fields(self) -> dict[str, Any]:
@@ -115,11 +125,21 @@ class StepGraph:
 
     def asset_keys(self, source_id: str) -> dict[str, tuple[str, dict[str, str]]]:
         """step -> (artifact_key, {input role: input id}) for one asset."""
+        return self.keys_of(source_id, self.specs)
+
+    def keys_of(self, source_id: str, specs: Iterable[StepSpec]) -> dict[str, tuple[str, dict[str, str]]]:
+        """step -> (artifact_key, {input role: input id}) of `specs` (closed under inputs) for one source."""
         keys: dict[str, tuple[str, dict[str, str]]] = {}
-        for spec in self.specs:
+        for spec in specs:
             inputs = {role: source_id if role == SOURCE else keys[role][0] for role in spec.inputs}
+            if spec.draws is not None:
+                inputs.update(spec.draws(source_id))
             keys[spec.name] = (artifact_key(self.spec_hashes[spec.name], inputs), inputs)
         return keys
+
+    def over(self, kind: str) -> list[StepSpec]:
+        """The steps that run over sources of `kind` (`asset` for every source that is not an env map)."""
+        return [spec for spec in self.specs if spec.over == (ENV_MAP_KIND if kind == ENV_MAP_KIND else "asset")]
 
 
 def _topological(by_name: dict[str, StepSpec]) -> list[StepSpec]:

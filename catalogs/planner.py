@@ -42,10 +42,13 @@ class Plan:
 
 
 def target_keys(graph: StepGraph, sources: pa.Table) -> pa.Table:
-    """TARGET_SCHEMA rows for every (asset in `sources`, step in `graph`), step-major in dependency order."""
+    """TARGET_SCHEMA rows for every (source in `sources`, step of `graph` over its kind), step-major in
+    dependency order. Sources without a `kind` column are assets."""
     per_step: dict[str, list[tuple]] = {name: [] for name in graph.names}
-    for asset_id, source_id in zip(sources["asset_id"].to_pylist(), sources["source_id"].to_pylist()):
-        for step, (key, inputs) in graph.asset_keys(source_id).items():
+    kinds = sources["kind"].to_pylist() if "kind" in sources.column_names else ["asset"] * sources.num_rows
+    steps_of = {kind: graph.over(kind) for kind in set(kinds)}
+    for asset_id, source_id, kind in zip(sources["asset_id"].to_pylist(), sources["source_id"].to_pylist(), kinds):
+        for step, (key, inputs) in graph.keys_of(source_id, steps_of[kind]).items():
             per_step[step].append((asset_id, source_id, step, graph.spec_hashes[step], key,
                                    [{"role": r, "key": k} for r, k in inputs.items()]))
     rows = [row for step_rows in per_step.values() for row in step_rows]

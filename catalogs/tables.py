@@ -2,7 +2,8 @@
 
     sources     one row per observed source revision (asset_id, source_id = sha256 of the bytes, ...)
     step_specs  one row per spec_hash (step, version, params, models, env, implementation fingerprint)
-    artifacts   append-only registry: one row per executed (step, asset) with lineage, status and pack slices
+    artifacts   append-only registry: one row per executed (step, asset) with lineage, status and pack slices;
+                a failed row has its `reason` (`infra.errors.Reason`), message (`error`) and `stderr_tail`
     samples     overwritten per release (one row per sample and role); releases are tags on its snapshots
 
 The SQL catalog's compare-and-swap on the metadata pointer makes every commit atomic; a commit that loses
@@ -89,6 +90,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         pa.field("arrays", pa.list_(_ARRAY_SLICE)), pa.field("content_digest", pa.string()),
         pa.field("stats_json", pa.string()), pa.field("run_id", pa.string()), pa.field("worker", pa.string()),
         pa.field("duration_s", pa.float32()), _required("created_at", _TIMESTAMP),
+        pa.field("reason", pa.string()), pa.field("stderr_tail", pa.string()),
     ]),
     "samples": pa.schema([
         _required("sample_id", pa.string()), _required("source_id", pa.string()), _required("split", pa.string()),
@@ -203,7 +205,7 @@ class FactoryCatalog:
     def _load(self, name: str) -> Table:
         identifier = f"{NAMESPACE}.{name}"
         try:
-            return self._catalog.load_table(identifier)
+            return self._evolved(self._catalog.load_table(identifier), name)
         except NoSuchTableError:
             if self.read_only:
                 raise CatalogMismatch(f"catalog {self.uri} has no table {identifier}") from None
@@ -215,6 +217,18 @@ class FactoryCatalog:
             table.update_spec().add_identity("step").commit()
         return table
 
+    def _evolved(self, table: Table, name: str) -> Table:
+        """A table made by an older version gains the columns added since (nullable, so old rows read as null);
+        a read-only open leaves it as it is and reads the missing columns as null."""
+        missing = [f for f in SCHEMAS[name] if f.name not in table.schema().column_names]
+        if missing and not self.read_only:
+            def evolve() -> None:
+                with self._catalog.load_table(table.name()).update_schema() as update:
+                    update.union_by_name(pa.schema(missing))
+            _retry(evolve, f"add columns {[f.name for f in missing]} to {name}")
+            return self._catalog.load_table(table.name())
+        return table
+
     def table(self, name: str) -> Table:
         """The table as last committed (refreshed on every call)."""
         return self._tables[name].refresh()
@@ -222,8 +236,15 @@ class FactoryCatalog:
     def read(self, name: str, columns: tuple[str, ...] = ("*",), snapshot_id: int | None = None,
              row_filter: str | None = None) -> pa.Table:
         table = self.table(name)
-        result = table.scan(row_filter=row_filter or AlwaysTrue(), selected_fields=columns, snapshot_id=snapshot_id).to_arrow()
-        return result if result.num_rows else _empty(SCHEMAS[name], columns)
+        present = table.schema().column_names
+        selected = columns if columns == ("*",) else tuple(c for c in columns if c in present)
+        result = table.scan(row_filter=row_filter or AlwaysTrue(), selected_fields=selected, snapshot_id=snapshot_id).to_arrow()
+        if not result.num_rows:
+            return _empty(SCHEMAS[name], columns)
+        for field in SCHEMAS[name]:  # columns an older, read-only table lacks
+            if field.name not in result.column_names and (columns == ("*",) or field.name in columns):
+                result = result.append_column(field.name, pa.nulls(result.num_rows, field.type))
+        return result if columns == ("*",) else result.select(list(columns))
 
     # -- writes: each is one atomic Iceberg commit -------------------------------------------------------------
 

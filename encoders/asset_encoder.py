@@ -85,7 +85,7 @@ class AssetEncoding:
             np.savez(out / f"slat_{role}.npz", coords=self.coords, feats=latent)
         layers = {
             f"{kind} {role}": arrays[role]
-            for kind, arrays in (("features", self.features), ("slat", self.latents))
+            for kind, arrays in (("feature", self.features), ("slat", self.latents))
             for role in arrays
         }
         write_preview(out / PREVIEW_FILE, self.coords, layers)
@@ -105,6 +105,16 @@ class AssetEncoding:
             with np.load(out / f"slat_{role}.npz") as data:
                 latents[role] = data["feats"]
         return cls(coords, features, latents, meta)
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSet:
+    """`AssetEncoder.features` of one asset."""
+
+    features: dict[str, np.ndarray]  # role -> (N, 1024) float16
+    timings: dict[str, float]
+    is_random_weights: bool
+    num_views: int
 
 
 class AssetEncoder:
@@ -128,17 +138,41 @@ class AssetEncoder:
             AssetRejected: `invalid_render_set` (missing files or passes), `empty_scene` (no voxels),
                 `non_finite` (NaN or inf features or latents).
         """
-        timings: dict[str, float] = {}
         clock = time.perf_counter()
         render_set, asset_id = _open_render_set(render_dir, self.config.roles)
         vertices, faces = render_set.mesh()
-        coords = voxelize_mesh(
-            torch.from_numpy(vertices).to(self.device), torch.from_numpy(faces).to(self.device)
-        )
+        coords = voxelize_mesh(torch.from_numpy(vertices).to(self.device), torch.from_numpy(faces).to(self.device))
         if len(coords) == 0:
             raise AssetRejected(asset_id, Reason.EMPTY_SCENE, "the normalized mesh occupies no voxel")
-        timings["voxelize_s"] = time.perf_counter() - clock
+        coords = coords.cpu().numpy().astype(np.uint8)
+        voxelize_s = time.perf_counter() - clock
+        found = self.features(render_dir, coords)
+        clock = time.perf_counter()
+        latents = self.encode_latents(coords, found.features)
+        timings = {"voxelize_s": voxelize_s, **found.timings, "slat_s": time.perf_counter() - clock}
+        meta = {
+            "source_id": render_set.meta.get("source_id"),
+            "render_dir": str(render_set.root),
+            "roles": list(self.config.roles),
+            "num_views": found.num_views,
+            "num_voxels": len(coords),
+            "config": self.config.to_dict(),
+            "models": {name: dataclasses.asdict(info) for name, info in self.weights.items()},
+            "random_weights": found.is_random_weights,
+            "timings": timings,
+        }
+        logger.info("encoded asset=%s voxels=%d views=%d in %.1fs", asset_id, len(coords), found.num_views,
+                    sum(timings.values()))
+        return AssetEncoding(coords, found.features, latents, meta)
 
+    def features(self, render_dir: str | os.PathLike[str], coords: np.ndarray) -> "FeatureSet":
+        """Per role the DINOv2 patch features of the `lh` views, back-projected onto `coords` (N, 3) uint8.
+
+        Raises:
+            AssetRejected: `invalid_render_set`, `non_finite`.
+        """
+        render_set, asset_id = _open_render_set(render_dir, self.config.roles)
+        timings: dict[str, float] = {}
         clock = time.perf_counter()
         views, depth_maps = _load_views(render_set, self.config.roles, self.config.backproject.use_visibility)
         frames = render_set.frames
@@ -146,55 +180,38 @@ class AssetEncoder:
             np.stack([f.c2w for f in frames]), np.array([f.fov_rad for f in frames]), device=self.device
         )
         timings["load_views_s"] = time.perf_counter() - clock
-
-        features, latents = {}, {}
-        batch_coords = torch.nn.functional.pad(coords, (1, 0))  # (N, 4): batch index 0
+        voxels = torch.from_numpy(coords.astype(np.int32)).to(self.device)
+        features = {}
         for role in self.config.roles:
             clock = time.perf_counter()
             patch_tokens = self.dinov2(views[role])  # (V, 1024, 37, 37)
             timings[f"dinov2_{role}_s"] = time.perf_counter() - clock
             clock = time.perf_counter()
             feats = backproject(  # stored as float16, and encoded from that, as TRELLIS does
-                patch_tokens, coords, cameras, config=self.config.backproject, depth_maps=depth_maps
+                patch_tokens, voxels, cameras, config=self.config.backproject, depth_maps=depth_maps
             ).half()
             timings[f"backproject_{role}_s"] = time.perf_counter() - clock
-            clock = time.perf_counter()
-            latent = self._latent(batch_coords, feats)
-            timings[f"slat_{role}_s"] = time.perf_counter() - clock
-            if not (torch.isfinite(feats).all() and torch.isfinite(latent).all()):
-                raise AssetRejected(asset_id, Reason.NON_FINITE, f"{role}: non-finite features or latents")
+            if not torch.isfinite(feats).all():
+                raise AssetRejected(asset_id, Reason.NON_FINITE, f"{role}: non-finite features")
             features[role] = feats.cpu().numpy()
-            latents[role] = latent.cpu().numpy()
-
-        meta = {
-            "source_id": render_set.meta.get("source_id"),
-            "render_dir": str(render_set.root),
-            "roles": list(self.config.roles),
-            "num_views": len(frames),
-            "num_voxels": len(coords),
-            "config": self.config.to_dict(),
-            "models": {name: dataclasses.asdict(info) for name, info in self.weights.items()},
-            "random_weights": any(info.is_random_init for info in self.weights.values()),
-            "timings": timings,
-        }
-        logger.info(
-            "encoded asset=%s voxels=%d views=%d in %.1fs",
-            asset_id,
-            len(coords),
-            len(frames),
-            sum(timings.values()),
-        )
-        return AssetEncoding(coords.cpu().numpy().astype(np.uint8), features, latents, meta)
-
+        random_weights = any(info.is_random_init for info in self.weights.values())
+        return FeatureSet(features, timings, random_weights, len(frames))
 
     def encode_latents(self, coords: np.ndarray, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """SLATs (N, 8) float32 from stored features (N, 1024) float16 on `coords` (N, 3): new encoder weights
-        need no render."""
+        """SLATs (N, 8) float32 from features (N, 1024) float16 on `coords` (N, 3): new encoder weights need no
+        render.
+
+        Raises:
+            AssetRejected: `non_finite` latents.
+        """
         batch_coords = torch.nn.functional.pad(torch.from_numpy(coords.astype(np.int32)).to(self.device), (1, 0))
-        return {
-            role: self._latent(batch_coords, torch.from_numpy(feats).to(self.device)).cpu().numpy()
-            for role, feats in features.items()
-        }
+        latents = {}
+        for role, feats in features.items():
+            latent = self._latent(batch_coords, torch.from_numpy(feats).to(self.device))
+            if not torch.isfinite(latent).all():
+                raise AssetRejected("", Reason.NON_FINITE, f"{role}: non-finite latents")
+            latents[role] = latent.cpu().numpy()
+        return latents
 
     def _latent(self, batch_coords: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():

@@ -1,6 +1,10 @@
 """Where the render env lives (DESIGN section 3): found by configuration, never by a path baked in."""
 
+import dataclasses
+import functools
+import json
 import os
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -36,3 +40,28 @@ def find_render_python(explicit: str | os.PathLike[str] | None = None) -> Path:
     if not path.is_file():
         raise ConfigError(f"render env python {path} (from {origin}) does not exist; re-run infra/setup.sh")
     return path
+
+
+RENDER_ENV_QUERY = (
+    "import bpy, json; print(json.dumps({'blender_version': bpy.app.version_string, "
+    "'bundled_env_maps': bpy.utils.system_resource('DATAFILES', path='studiolights/world')}))"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderEnvFacts:
+    """What the render env contributes to render outputs: its Blender and the env maps that bpy ships."""
+
+    blender_version: str
+    bundled_env_maps: Path
+
+
+@functools.cache
+def render_env_facts(python: Path | None = None) -> RenderEnvFacts:
+    """Asked once per process of the render env's interpreter (only it has bpy; about a second)."""
+    python = python or find_render_python()
+    result = subprocess.run([str(python), "-c", RENDER_ENV_QUERY], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ConfigError(f"render env {python} cannot import bpy: {result.stderr.strip()[-500:]}")
+    facts = json.loads(result.stdout.strip().splitlines()[-1])
+    return RenderEnvFacts(facts["blender_version"], Path(facts["bundled_env_maps"]))

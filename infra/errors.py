@@ -26,6 +26,17 @@ class Reason(str, enum.Enum):
     MISSING_MEMBER = "missing_member"
     UNSAFE_ARCHIVE_MEMBER = "unsafe_archive_member"
     TOO_LARGE = "too_large"
+    UPSTREAM_FAILED = "upstream_failed"
+    """An input of the step failed (in this build or before): the step cannot run."""
+    TOO_FEW_VIEWS = "too_few_views"
+    INPUT_CHANGED = "input_changed"
+    """An input's bytes differ from the content its key was derived from (an env map rewritten mid-build)."""
+    DAMAGED_INPUT = "damaged_input"
+    """A stored input's pack is missing or damaged."""
+    INTERNAL_ERROR = "internal_error"
+    """A step's code raised an unexpected exception (a bug to report: the message holds the traceback's tail)."""
+    INVALID_OUTPUT = "invalid_output"
+    """A step produced arrays that do not match its role's declared schema."""
 
 
 class FactoryError(Exception):
@@ -41,6 +52,18 @@ class AssetRejected(FactoryError):
 
     def __str__(self) -> str:
         return f"{self.asset_id}: {self.reason.value} {self.detail}".rstrip()
+
+
+class StepFailed(FactoryError):
+    """One step of one asset could not be made: recorded as a failed artifact with its reason, never retried
+    by the same build."""
+
+    def __init__(self, reason: Reason, message: str = "", stderr_tail: str = "") -> None:
+        super().__init__(reason, message, stderr_tail)  # every field in .args: survives pickling through Ray
+        self.reason, self.message, self.stderr_tail = Reason(reason), message, stderr_tail
+
+    def __str__(self) -> str:
+        return f"{self.reason.value}: {self.message}".rstrip(": ")
 
 
 class TransientError(FactoryError):

@@ -52,8 +52,8 @@ def _counts_table(
 def plan(config_path: Path, retry_failed: bool) -> None:
     """Print what a build would run, per step, without running it."""
     config = BuildConfig.from_yaml(config_path)
-    catalog, graph, sources, _ = prepare(config, new_run_id())
-    work = plan_work(catalog, graph, sources, retry_failed=retry_failed)
+    catalog, table, sources, _ = prepare(config, new_run_id())
+    work = plan_work(catalog, table.graph, sources, retry_failed=retry_failed)
     console.print(
         _counts_table(f"plan over {sources.num_rows} assets ({config.source.kind} source)", work.counts())
     )

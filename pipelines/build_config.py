@@ -6,7 +6,8 @@
       lh: {num_views: 150, resolution_px: 512, samples: 16}
     models: {dinov2: facebook/dinov2-with-registers-large, slat_encoder: ..., slat_flow: ...}
     shaded: {views: 1, sampler: {steps: 25, cfg_strength: 3.0}}   # the shaded SLAT Z_s of Stage 1
-    release: {name: lh-slat-v1, min_voxels: 1, max_voxels: 65536}
+    release: {name: lh-slat-v1, min_voxels: 1, max_voxels: 65536,
+              filters: [{stat: has_base_color_texture, equals: true}]}
 
 Every relative path is relative to the YAML file's folder.
 """
@@ -18,7 +19,7 @@ from typing import Annotated, Any, Literal
 from catalogs.errors import check_release_name
 from catalogs.objaverse import OBJAVERSE_SOURCES, ObjaverseSelection
 from encoders.asset_encoder import DEFAULT_SLAT_ENCODER
-from encoders.dinov2 import DEFAULT_DINOV2
+from encoders.dinov2 import DEFAULT_DINOV2, Precision
 from encoders.shaded_slat import DEFAULT_SLAT_FLOW, ShadedSlatConfig
 from infra.config import (
     ConfigFieldError,
@@ -80,12 +81,30 @@ class SourceConfig(FrozenConfig):
 
 
 @dataclasses.dataclass(frozen=True)
+class FilterConfig(FrozenConfig):
+    """Keep a sample only if a stat its build recorded satisfies every bound given, e.g. the paper's PBR assets:
+    `{stat: has_base_color_texture, equals: true}`. The step table says which step records each stat."""
+
+    stat: str
+    min: float | None = None
+    max: float | None = None
+    equals: bool | int | float | str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.min is None and self.max is None and self.equals is None:
+            raise ConfigFieldError("stat", f"filter on {self.stat!r} needs min, max or equals")
+
+
+@dataclasses.dataclass(frozen=True)
 class ReleaseConfig(FrozenConfig):
     name: str | None = None
     """No release when unset; else one plain name (`catalogs.errors.RELEASE_NAME`)."""
     min_voxels: PositiveInt = 1
     max_voxels: PositiveInt | None = None
     val_percent: Percent = 5
+    filters: tuple[FilterConfig, ...] = ()
+    """Applied in order after the voxel bounds; the release record counts what each removed."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -129,6 +148,9 @@ class ModelsConfig(FrozenConfig):
     dinov2: ModelReference = DEFAULT_DINOV2
     slat_encoder: ModelReference = DEFAULT_SLAT_ENCODER
     slat_flow: ModelReference = DEFAULT_SLAT_FLOW
+    precision: Precision = "auto"
+    """DINOv2's dtype: `auto` is bfloat16 where encoders get GPUs (`execution.encoder_gpus`), else float32. The
+    resolved dtype and device enter the encoder steps' keys."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,11 +16,13 @@ import pandas as pd
 import pyarrow as pa
 
 from catalogs import objaverse
+from catalogs.keys import ENV_MAP_KIND
 from catalogs.sources import SOURCE_ROW_SCHEMA, InvalidAssetId, SkippedSource, file_rows
 from catalogs.tables import FactoryCatalog
 from infra.errors import ConfigError, Reason
 from pipelines.build_config import BuildConfig, SourceConfig
 from pipelines.demo import generate_demo_assets
+from pipelines.steps import EnvMaps
 from render_jobs.demo_assets import MANIFEST_FILE
 from render_jobs.formats import find_asset_files
 
@@ -98,4 +100,21 @@ def ingest(catalog: FactoryCatalog, config: BuildConfig, run_id: str) -> tuple[p
     new = [(a, s) not in seen for a, s in zip(found["asset_id"].to_pylist(), found["source_id"].to_pylist())]
     if any(new):
         catalog.register_sources(found.filter(pa.array(new)), run_id)
-    return found.select(["asset_id", "source_id", "uri"]), skipped
+    return found.select(["asset_id", "source_id", "uri", "kind"]), skipped
+
+
+def register_env_maps(catalog: FactoryCatalog, env_maps: EnvMaps, run_id: str) -> pa.Table:
+    """Register the env maps the recipes draw as sources of kind `env_map` (asset id `env_map:<file name>`), so
+    new bytes under a name are a new revision like an asset's; returns them as this build's sources."""
+    rows = [
+        {"asset_id": f"{ENV_MAP_KIND}:{name}", "source_id": digest, "uri": str(path), "size": path.stat().st_size,
+         "kind": ENV_MAP_KIND, "origin": f"env_maps:{path.parent}", "license": None, "attrs_json": None}
+        for name, (path, digest) in sorted(env_maps.files.items())
+    ]
+    found = pa.Table.from_pylist(rows, schema=SOURCE_ROW_SCHEMA)
+    current = catalog.current_sources()
+    seen = set(zip(current["asset_id"].to_pylist(), current["source_id"].to_pylist()))
+    new = [(row["asset_id"], row["source_id"]) not in seen for row in rows]
+    if any(new):
+        catalog.register_sources(found.filter(pa.array(new, pa.bool_())), run_id)
+    return found.select(["asset_id", "source_id", "uri", "kind"])

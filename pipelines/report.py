@@ -48,15 +48,16 @@ def _html(record: BuildRecord) -> str:
     )
     by_reason = collections.defaultdict(list)
     for failure in record.failures:
-        by_reason[failure["error"].split(":")[0]].append(failure)
+        by_reason[failure["reason"]].append(failure)
     reasons = _table(
-        ["reason", "artifacts", "assets", "example message", "stderr tail"],
+        ["reason", "artifacts", "steps", "assets", "example message", "stderr tail"],
         [
             [
                 html.escape(reason),
                 len(items),
+                html.escape(", ".join(sorted({f["step"] for f in items}))),
                 html.escape(", ".join(sorted({f["asset_id"] for f in items}))),
-                html.escape(items[0]["error"][:300]),
+                html.escape(f"{items[0]['step']}: {items[0]['message']}"[:300]),
                 f"<pre>{html.escape(items[0]['stderr_tail'][-600:])}</pre>",
             ]
             for reason, items in sorted(by_reason.items())

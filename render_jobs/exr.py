@@ -26,3 +26,14 @@ def write_channels(path: str | os.PathLike[str], channels: dict[str, np.ndarray]
     arrays = {name: np.ascontiguousarray(array) for name, array in channels.items()}
     with OpenEXR.File(header, arrays) as exr:
         exr.write(str(path))
+
+
+def read_env_map(path: str | os.PathLike[str]) -> np.ndarray:
+    """Linear RGB (H, W, 3) float32 of an equirectangular OpenEXR map, row 0 at the top (the +Z pole); NaN and
+    infinities read as 0, negatives are clipped."""
+    channels = read_channels(path)
+    missing = [c for c in ("R", "G", "B") if c not in channels]
+    if missing:
+        raise ValueError(f"{path}: no {', '.join(missing)} channel; an environment map is RGB")
+    rgb = np.stack([channels[c] for c in ("R", "G", "B")], axis=-1).astype(np.float32)
+    return np.nan_to_num(rgb, nan=0.0, posinf=0.0, neginf=0.0).clip(min=0.0)

@@ -5,6 +5,7 @@ gets the same cameras and lights, and a frame's record is enough to reproduce it
 """
 
 import dataclasses
+from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
@@ -78,6 +79,19 @@ def recipe_config(name: str, **overrides) -> RecipeConfig:
         raise ValueError(f"unknown recipe {name!r}; expected one of {RECIPE_NAMES}")
     fields = {**_DEFAULTS[name], **{k: v for k, v in overrides.items() if v is not None}}
     return RecipeConfig(name=name, **fields)
+
+
+ENV_MAP_SUFFIXES = (".exr", ".hdr")
+
+
+def env_map_files(folder: Path) -> dict[str, Path]:
+    """The environment maps a recipe draws from `folder`, by file name (frames name their map by it)."""
+    return {p.name: p for p in sorted(folder.iterdir()) if p.suffix.lower() in ENV_MAP_SUFFIXES and p.is_file()}
+
+
+def drawn_env_maps(cfg: RecipeConfig, source_id: str, env_map_ids: list[str]) -> set[str]:
+    """The env maps one asset's frames use: what its output is made of besides the asset."""
+    return {f.lighting.env_map for f in plan_frames(cfg, source_id, env_map_ids) if f.lighting.env_map}
 
 
 @dataclasses.dataclass(frozen=True)

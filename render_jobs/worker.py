@@ -36,7 +36,7 @@ from render_jobs.protocol import (
     encode,
     is_software_gl,
 )
-from render_jobs.recipes import RecipeConfig, plan_frames
+from render_jobs.recipes import RecipeConfig, env_map_files, plan_frames
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def _env_maps(recipe: RecipeConfig, scene: Any) -> dict[str, Path]:
     if recipe.env_maps_dir is None:
         return scene.bundled_env_maps()
     folder = Path(recipe.env_maps_dir)
-    maps = {p.name: p for p in sorted(folder.iterdir()) if p.suffix.lower() in (".exr", ".hdr")}
+    maps = env_map_files(folder)
     if not maps:
         raise NotFound(f"no .exr or .hdr environment maps in {folder}")
     return maps

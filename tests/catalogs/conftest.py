@@ -8,6 +8,7 @@ import pyarrow.compute as pc
 import pytest
 
 from catalogs.commit import StepResult, commit_batch, write_batch
+from infra.errors import Reason
 from catalogs.keys import StepGraph, StepSpec
 from catalogs.planner import Plan
 from catalogs.tables import FactoryCatalog
@@ -49,9 +50,10 @@ def execute(catalog: FactoryCatalog, plan: Plan, run_id: str, *, fail: frozenset
         rows = plan.todo.filter(pc.equal(plan.todo["step"], step))
         for start in range(0, rows.num_rows, batch):
             todo = rows.slice(start, batch)
-            results = [StepResult(key, error="synthetic failure") if asset in fail else StepResult(key, fake_output(step, key))
+            results = [StepResult(key, reason=Reason.IMPORT_ERROR.value, message="synthetic failure") if asset in fail
+                       else StepResult(key, fake_output(step, key))
                        for key, asset in zip(todo["artifact_key"].to_pylist(), todo["asset_id"].to_pylist())]
-            commit_batch(catalog, todo, results, write_batch(catalog.data_root, todo, results, run_id), run_id)
+            commit_batch(catalog, todo, write_batch(catalog.data_root, todo, results, run_id), run_id)
 
 
 @pytest.fixture

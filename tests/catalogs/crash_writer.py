@@ -43,7 +43,7 @@ def main(data_root: str, mode: str) -> None:
             _say("packed")
             if mode == "after_pack":
                 time.sleep(600)
-            commit_batch(catalog, todo, results, packed, f"crash-{mode}")
+            commit_batch(catalog, todo, packed, f"crash-{mode}")
             _say("committed")
             if mode == "after_commit":
                 time.sleep(600)

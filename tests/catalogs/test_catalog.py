@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from catalogs.commit import StepResult, commit_batch, write_batch
+from catalogs.commit import ArtifactRecord, StepResult, commit_batch, write_batch
 from catalogs.errors import StaleVersionError
 from catalogs.keys import StepSpec
 from catalogs.planner import plan
@@ -55,13 +55,15 @@ def test_failed_results_are_recorded_with_their_error_and_lineage(catalog):
     todo = plan(catalog, graph).todo
     step = todo.filter(pc.equal(todo["step"], "normalize"))
     keys = step["artifact_key"].to_pylist()
-    results = [StepResult(keys[0], error="import_error: truncated glb"), StepResult(keys[1], {"x": pa.array([1.0]).to_numpy()[:, None]})]
-    commit_batch(catalog, step, results, write_batch(catalog.data_root, step, results, "r"), "r")
+    results = [StepResult(keys[0], reason="import_error", message="truncated glb"),
+               StepResult(keys[1], {"x": pa.array([1.0]).to_numpy()[:, None]})]
+    commit_batch(catalog, step, write_batch(catalog.data_root, step, results, "r"), "r")
     rows = {r["artifact_key"]: r for r in catalog.read("artifacts").to_pylist()}
-    assert rows[keys[0]]["status"] == "failed" and "truncated" in rows[keys[0]]["error"] and rows[keys[0]]["pack_path"] is None
+    assert rows[keys[0]]["status"] == "failed" and rows[keys[0]]["reason"] == "import_error"
+    assert "truncated" in rows[keys[0]]["error"] and rows[keys[0]]["pack_path"] is None
     assert rows[keys[1]]["status"] == "ok" and rows[keys[1]]["inputs"] == [{"role": "source", "key": step["source_id"][1].as_py()}]
     with pytest.raises(ValueError, match="planned keys"):
-        commit_batch(catalog, step, [StepResult("f" * 64, error="x")], [], "r")
+        commit_batch(catalog, step, [ArtifactRecord("f" * 64, reason="import_error")], "r")
 
 
 def test_tables_scan_to_arrow_with_and_without_the_catalog(catalog):

@@ -3,6 +3,7 @@ and adversarial asset in ../shared/assets: the release holds every expected-ok a
 is recorded with its reason, and no asset's embedded script ever ran. Then Stage 1 trains on that release as a
 second submitted job (`near train stage1` through Ray Train)."""
 
+import dataclasses
 import json
 import os
 import secrets
@@ -15,9 +16,11 @@ import pytest
 import yaml
 
 from catalogs.release_reader import Release
+from pipelines.build import run_build
+from pipelines.build_config import BuildConfig, FilterConfig, ReleaseConfig
 from pipelines.demo import write_demo_models
 from tests.conftest import SHARED_ASSETS
-from tests.pipelines.test_render_shared_assets import AUTOEXEC_MARKER, EXPECTED
+from tests.pipelines.test_render_shared_assets import AUTOEXEC_MARKER, BASE_COLOR_TEXTURED, EXPECTED
 
 pytestmark = [pytest.mark.ray, pytest.mark.blender, pytest.mark.slow, pytest.mark.real_assets]
 
@@ -114,11 +117,27 @@ def test_release_holds_every_expected_ok_asset(submitted) -> None:
 def test_every_expected_failure_is_recorded_with_its_reason(submitted) -> None:
     _, report = submitted
     reasons = {
-        f["asset_id"]: f["error"].split(":")[0] for f in report["failures"] if f["step"] == "render_lh"
+        f["asset_id"]: f["reason"] for f in report["failures"] if f["step"] == "render_lh"
     }
     expected = {path: reason for path, (status, reason) in EXPECTED.items() if status == "failed"}
     assert reasons == expected
     assert not AUTOEXEC_MARKER.exists()
+
+
+def test_a_pbr_texture_filter_keeps_exactly_the_textured_assets(submitted) -> None:
+    """The paper's curation as a release filter: a second release of the same build keeps the assets whose
+    base color is textured, computes nothing, and records what each filter removed."""
+    data_root, _ = submitted
+    config = BuildConfig.from_yaml(data_root.parent / "build.yaml")
+    textured = FilterConfig("has_base_color_texture", equals=True)
+    record = run_build(dataclasses.replace(config, release=ReleaseConfig(name="shared-textured", filters=(textured,))))
+    assert record.computed_by_step() == {}
+    release = Release.open(data_root, "shared-textured")
+    expected_ok = {path for path, (status, _) in EXPECTED.items() if status == "ok"}
+    assert sorted(release.sample_ids) == sorted(expected_ok & set(BASE_COLOR_TEXTURED))
+    voxels, texture = release.info["filters"]
+    assert release.info["candidates"] == len(expected_ok) and voxels["removed"] == 0
+    assert texture["stat"] == "has_base_color_texture" and texture["removed"] == len(expected_ok - set(BASE_COLOR_TEXTURED))
 
 
 def test_stage1_trains_on_the_release_as_a_submitted_job(submitted, head_node) -> None:
