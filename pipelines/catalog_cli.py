@@ -96,14 +96,21 @@ def show(ctx: click.Context, release: str | None) -> None:
         console.print(table)
         return
     cat = _open(ctx)
-    rows = cat.read("artifacts", ("artifact_key", "step", "status", "created_at"))
+    rows = cat.read("artifacts", ("artifact_key", "step", "status", "created_at", "reason"))
     status = resolve_status(rows)
-    counts = collections.Counter(zip(status["step"].to_pylist(), status["status"].to_pylist()))
+    steps, statuses, reasons = (status[c].to_pylist() for c in ("step", "status", "reason"))
+    counts = collections.Counter(zip(steps, statuses))
     table = Table("step", "ok", "failed", "skipped_invalid", "rows (with retries)", title=f"artifacts in {ctx.obj['root']}")
     raw = collections.Counter(rows["step"].to_pylist())
     for step in sorted({s for s, _ in counts}):
         table.add_row(step, *(str(counts.get((step, s), 0)) for s in ("ok", "failed", "skipped_invalid")), str(raw[step]))
     console.print(table)
+    failed = collections.Counter((r or "(not recorded)", s) for s, st, r in zip(steps, statuses, reasons) if st == "failed")
+    if failed:
+        by_reason = Table("reason", "step", "failed artifacts", title="failures by reason")
+        for (reason, step), n in sorted(failed.items()):
+            by_reason.add_row(reason, step, str(n))
+        console.print(by_reason)
     console.print(f"sources: {cat.current_sources().num_rows} current assets; step specs: {cat.read('step_specs').num_rows}")
     _print_releases(ctx.obj["root"])
 

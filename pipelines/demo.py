@@ -69,7 +69,7 @@ class DemoConfig:
 
     def write_stage2_config(self, out: Path) -> Path:
         """`<out>/stage2.yaml`: Stage 2 at a CPU size on the demo release (validating on its training assets);
-        the environment maps are the ones bpy ships, which the demo renders with. The CPU rasterizer blends every
+        the environment maps come from the release. The CPU rasterizer blends every
         pixel with every Gaussian of its tile, so a CPU run is a short smoke run: real training wants gsplat."""
         config = {
             "data_root": "data",

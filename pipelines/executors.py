@@ -29,6 +29,7 @@ from infra.errors import ConfigError, Reason, StepFailed
 from pipelines import scratch
 from pipelines.compute import CallReply, CallRequest, Inputs
 from pipelines.local_render import asset_dir_name
+from pipelines.steps import EncoderRuntime
 from render_jobs.protocol import RenderRequest, RenderResult
 from render_jobs.render_set import RenderSet
 from render_jobs.supervisor import RenderSupervisor, RenderWorkerConfig
@@ -124,7 +125,7 @@ class EncoderActor(StepWorker):
     """Holds DINOv2 and the SLAT encoder (and, from its first shaded SLAT on, the flow model) on the device and in
     the dtype the step table's keys say (`pipelines.steps.EncoderRuntime`)."""
 
-    def __init__(self, runtime: Any, slat_flow: str, data_root: str, keep_renders: bool) -> None:
+    def __init__(self, runtime: EncoderRuntime, slat_flow: str, data_root: str, keep_renders: bool) -> None:
         super().__init__(data_root, keep_renders)
         if runtime.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"encoder actor on {self.name}: the keys say cuda, but this process sees no GPU")
