@@ -64,9 +64,12 @@ class StepWorker:
             if problems:
                 records[step] = self._failed(key, StepFailed(Reason.INVALID_OUTPUT, "; ".join(problems)), seconds)
                 continue
+            clock = time.perf_counter()
             (packed,) = write_pack(self.data_root, step, request.spec_hashes[step], request.run_id, [(key, made.arrays)])
-            records[step] = ArtifactRecord(key, packed, stats=made.stats, worker=self.name,
-                                           duration_s=seconds if made.seconds is None else made.seconds)
+            writing = time.perf_counter() - clock  # charged to the step: it holds the worker like the compute
+            records[step] = ArtifactRecord(key, packed, stats={**made.stats, "pack_write_s": round(writing, 4)},
+                                           worker=self.name,
+                                           duration_s=writing + (seconds if made.seconds is None else made.seconds))
         return CallReply(records, self.node, output.transient)
 
     def discard(self, path: str | None) -> None:
