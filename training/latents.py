@@ -8,6 +8,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from catalogs.release_reader import Release
+from pipelines.steps import SLAT_LH
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +25,7 @@ class LatentNormalization:
         return normalized * normalized.new_tensor(self.std) + normalized.new_tensor(self.mean)
 
 
-def latent_statistics(release: Release, assets: list[str], role: str = "slat_lh") -> LatentNormalization:
+def latent_statistics(release: Release, assets: list[str], role: str = SLAT_LH) -> LatentNormalization:
     """Per-channel mean and std of a latent role over every voxel of `assets` (the training split)."""
     latents = np.concatenate([release.read(a, role)["latent"].astype(np.float64) for a in assets])
     return LatentNormalization(

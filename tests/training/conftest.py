@@ -1,5 +1,6 @@
 """A small release built by the factory itself (two demo assets at tiny render sizes), shared by the
-training tests: the same roles and layout a real release has."""
+training tests: the same roles and layout a real release has, the environment maps its relight frames were lit
+with included (role `env_maps`, split `shared`), so Stage 2 needs no render env to train from it."""
 
 import shutil
 from pathlib import Path

@@ -1,40 +1,38 @@
-"""Stage 2 from a factory-built release: relight frames with their environment maps, training that lowers the
-loss, exact resume, and `near train stage2` through Ray Train."""
+"""Stage 2 from a factory-built release: relight frames with the environment maps the release packs, training
+that lowers the loss, exact resume, and `near train stage2` through Ray Train with no render env in reach."""
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
 from catalogs.release_reader import Release
+from infra.environments import RENDER_PYTHON_ENV_VAR
 from pipelines.demo import DEMO_STAGE2_MODEL
+from pipelines.steps import ENV_MAPS
 from training.run import CHECKPOINTS, LATEST
 from training.stage2.config import Stage2Config
 from training.stage2.data import Stage2Data
-from training.stage2.env_map_store import EnvMapStore, bundled_env_map_folder
+from training.stage2.env_map_store import ENV_MAP_PREFIX, EnvMapStore, packed_env_maps
 from training.stage2.model import Stage2ModelConfig
 
 TINY_MODEL = DEMO_STAGE2_MODEL
 
 
-@pytest.fixture(scope="module")
-def env_maps() -> Path:
-    return bundled_env_map_folder()
-
-
 @pytest.fixture
-def stage2_config(tiny_release: dict[str, Path], env_maps: Path, tmp_path: Path) -> Stage2Config:
+def stage2_config(tiny_release: dict[str, Path], tmp_path: Path) -> Stage2Config:
     return Stage2Config(
         data_root=str(tiny_release["data_root"]),
         release=tiny_release["release"],
         out_dir=str(tmp_path / "run"),
         model=Stage2ModelConfig.from_dict(TINY_MODEL),
-        env_maps=(str(env_maps),),
         steps=3,
         batch_size=4,
         lr=2e-3,
@@ -48,12 +46,28 @@ def stage2_config(tiny_release: dict[str, Path], env_maps: Path, tmp_path: Path)
     )
 
 
-def test_relight_frames_come_with_their_environment_maps(stage2_config: Stage2Config, env_maps: Path) -> None:
+def test_the_release_packs_its_environment_maps(stage2_config: Stage2Config) -> None:
     release = Release.open(stage2_config.data_root, stage2_config.release)
-    store = EnvMapStore([env_maps], (32, 64))
+    rows = [r for r in release.manifest.to_pylist() if r["role"] == ENV_MAPS]
+    assert rows, "the build packed no env maps into the release"
+    assert all(r["split"] == "shared" and r["sample_id"].startswith(ENV_MAP_PREFIX) for r in rows)
+    assert not {r["sample_id"] for r in rows} & set(release.split("train") + release.split("val"))
+    store = EnvMapStore.from_release(release, (16, 32))
+    assert len(store) == len({r["source_id"] for r in rows})
+    for name, (sample_id, digest) in packed_env_maps(release).items():
+        rgb = release.read(sample_id, ENV_MAPS)["rgb"]
+        assert rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.dtype == np.float32
+        assert np.isfinite(rgb).all() and rgb.min() >= 0 and rgb.max() > 0
+        assert store.digest_of(name) == digest
+        assert store.get(digest).shape == (16, 32, 3)
+
+
+def test_relight_frames_come_with_their_environment_maps(stage2_config: Stage2Config) -> None:
+    release = Release.open(stage2_config.data_root, stage2_config.release)
+    store = EnvMapStore.from_release(release, (32, 64))
     data = Stage2Data(release, "train", store)
     assert len(data) == 2 * 2 * 2  # assets x views x lightings, every frame env-map lit
-    assert {frame.env_map for frame in data.frames} <= set(store.paths)
+    assert {frame.env_map for frame in data.frames} <= store.digests
     assert all(0 <= frame.yaw_rad < 2 * math.pi and frame.strength > 0 for frame in data.frames)
     picked = [0, 1, len(data) - 1]
     inputs, target = data.batch(picked)
@@ -98,25 +112,39 @@ def test_training_lowers_the_loss_and_resumes_exactly(stage2_config: Stage2Confi
     assert set(after) == {"psnr", "ssim"}  # no LPIPS without VGG weights
 
 
-def test_near_train_stage2_runs_through_ray_train(stage2_config: Stage2Config, tmp_path: Path) -> None:
+def test_near_train_stage2_runs_through_ray_train_without_a_render_env(
+    stage2_config: Stage2Config, tmp_path: Path
+) -> None:
+    """A training node has no Blender: with the render env's python pointing nowhere, Stage 2 still trains,
+    its environment maps read from the release."""
+    from training.stage2.trainer import MODEL_FILE
+
     config = stage2_config.to_dict()
     config.update(model=TINY_MODEL, out_dir="run-cli", lr="1e-3", steps=4, val_every=4, checkpoint_every=4)
+    assert not stage2_config.env_maps  # no map folders: the release alone
     config_file = tmp_path / "stage2.yaml"
     config_file.write_text(yaml.safe_dump(config))
+    no_render_env = {
+        **os.environ,
+        RENDER_PYTHON_ENV_VAR: "/nonexistent/python",
+        "RAY_ADDRESS": "local",  # a fresh local cluster, never one another process left running on this host
+    }
     completed = subprocess.run(
         [sys.executable, "-m", "pipelines.cli", "train", "stage2", "--release", config["release"],
          "--config", str(config_file)],
         check=False, capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[2],
+        env=no_render_env,
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "stage2 finished" in completed.stdout
     run = tmp_path / "run-cli"
     latest = run / CHECKPOINTS / (run / CHECKPOINTS / LATEST).read_text().strip()
+    assert (latest / MODEL_FILE).is_file()
     meta = json.loads((latest / "checkpoint.json").read_text())
     assert meta["step"] == 4 and meta["release"]["name"] == config["release"]
-    assert meta["config"]["lr"] == 1e-3 and set(meta["env_maps"].values()) <= {
-        p.name for p in Path(config["env_maps"][0]).glob("*.exr")
-    }
+    packed = packed_env_maps(Release.open(config["data_root"], config["release"]))
+    assert meta["config"]["lr"] == 1e-3 and meta[ENV_MAPS]
+    assert all(packed[name][1] == digest for digest, name in meta[ENV_MAPS].items())  # sha256 -> file name
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert "val_psnr" in metrics[-1]
     assert any((run / "tensorboard").iterdir())

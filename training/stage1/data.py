@@ -14,9 +14,11 @@ from torch import Tensor
 from catalogs.release_reader import Release
 from encoders.shaded_slat import input_view_frames
 from encoders.sparse import SparseTensor
+from pipelines.steps import INPUT, SLAT_LH, SLAT_SHADED
 from training.latents import LatentNormalization, latent_statistics
 
-ROLES = ("slat_lh", "slat_shaded", "input")
+ROLES = (SLAT_LH, SLAT_SHADED, INPUT)
+"""The release roles Stage 1 reads."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +47,7 @@ class Stage1Data:
             raise ValueError(f"release {release.info['name']!r} has no {split!r} samples")
         self.items: list[tuple[str, int]] = []
         for asset in assets:
-            views = release.read(asset, "slat_shaded")["latent"].shape[1]
+            views = release.read(asset, SLAT_SHADED)["latent"].shape[1]
             self.items += [(asset, v) for v in range(views)]
         self.normalization = normalization or latent_statistics(release, assets)
 
@@ -56,8 +58,8 @@ class Stage1Data:
         coords, lh, shaded, images = [], [], [], []
         for b, index in enumerate(indices):
             asset, view = self.items[index]
-            slat = self.release.read(asset, "slat_lh")
-            zs = self.release.read(asset, "slat_shaded")
+            slat = self.release.read(asset, SLAT_LH)
+            zs = self.release.read(asset, SLAT_SHADED)
             if not np.array_equal(slat["coords"], zs["coords"]):
                 raise ValueError(f"{asset}: slat_lh and slat_shaded are on different voxels")
             xyz = torch.from_numpy(slat["coords"].astype(np.int32))
@@ -74,7 +76,7 @@ class Stage1Data:
         )
 
     def _view(self, asset: str, view: int) -> Float[Tensor, "4 H W"]:
-        arrays = self.release.read(asset, "input", names=("frame_view", "frame_lighting"))
+        arrays = self.release.read(asset, INPUT, names=("frame_view", "frame_lighting"))
         frame = input_view_frames(arrays["frame_view"], arrays["frame_lighting"], view + 1)[view]
-        beauty = self.release.read_row(asset, "input", "beauty", int(frame))  # one chunk, not the whole set
+        beauty = self.release.read_row(asset, INPUT, "beauty", int(frame))  # one chunk, not the whole set
         return torch.from_numpy(beauty.astype(np.float32)).permute(2, 0, 1)

@@ -20,9 +20,12 @@ class Stage2Config(TrainingConfig):
     checkpoint_every: PositiveInt = 1000
     model: Stage2ModelConfig = dataclasses.field(default_factory=Stage2ModelConfig)
     env_maps: tuple[LocalPath, ...] = ()
-    """Folders of the environment maps the release was rendered with; empty: the maps bpy ships."""
+    """Leave empty: the release is the source of the environment maps (role `env_maps`, packed by the build).
+    Only for a release made before the build packed them: folders of the .exr maps it was rendered with, found
+    by content (sha256). Ignored, with a warning, when the release packs its maps."""
     held_out_env_maps: tuple[str, ...] = ()
-    """Map file names never trained on; validation reports PSNR under them separately."""
+    """Map file names (as the release's `env_map:<file name>` rows name them) never trained on; validation
+    reports PSNR under them separately."""
     lpips_vgg: LocalPath | None = None
     """torchvision's vgg16-397923af.pth; without it the LPIPS term is off (weight 0), and training says so."""
     losses: LossWeights = dataclasses.field(default_factory=LossWeights)

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from catalogs.release_reader import Release
 from encoders.sparse import SparseTensor
+from pipelines.steps import RELIGHT, SLAT_BC, SLAT_LH
 from render_jobs.cameras import opencv_intrinsics, opencv_w2c
 from training.latents import LatentNormalization, latent_statistics
 from training.stage2.env_map_store import EnvMapStore
@@ -54,14 +55,15 @@ class Stage2Data:
             raise ValueError(
                 f"release {release.info['name']!r}: no env-map-lit relight frames in {split!r} are selected"
             )
-        roles = ("slat_lh", "slat_bc") if with_bc_slat else ("slat_lh",)
+        env_maps.require({f.env_map for f in self.frames}, where=f"the {split!r} relight frames")
+        roles = (SLAT_LH, SLAT_BC) if with_bc_slat else (SLAT_LH,)
         self.normalization = normalization or {
             role: latent_statistics(release, assets, role) for role in roles
         }
 
     def _frames(self, asset: str) -> list[Frame]:
         names = ("frame_view", "frame_env_map", "frame_yaw", "frame_env_strength")
-        arrays = self.release.read(asset, "relight", names=names)
+        arrays = self.release.read(asset, RELIGHT, names=names)
         return [
             Frame(asset, i, int(view), digest.tobytes().hex(), float(yaw), float(strength))
             for i, (view, digest, yaw, strength) in enumerate(zip(*(arrays[n] for n in names)))
@@ -76,16 +78,16 @@ class Stage2Data:
         assets = list(dict.fromkeys(f.asset for f in frames))
         coords, latents = [], []
         for a, asset in enumerate(assets):
-            lh = self.release.read(asset, "slat_lh")
+            lh = self.release.read(asset, SLAT_LH)
             xyz = torch.from_numpy(lh["coords"].astype(np.int32))
             coords.append(torch.cat([torch.full((len(xyz), 1), a, dtype=torch.int32), xyz], dim=1))
-            latent = self.normalization["slat_lh"].apply(torch.from_numpy(lh["latent"].astype(np.float32)))
+            latent = self.normalization[SLAT_LH].apply(torch.from_numpy(lh["latent"].astype(np.float32)))
             if self.with_bc_slat:
-                bc = self.release.read(asset, "slat_bc")
+                bc = self.release.read(asset, SLAT_BC)
                 if not np.array_equal(bc["coords"], lh["coords"]):
                     raise ValueError(f"{asset}: slat_lh and slat_bc are on different voxels")
                 bc_latent = torch.from_numpy(bc["latent"].astype(np.float32))
-                latent = torch.cat([latent, self.normalization["slat_bc"].apply(bc_latent)], dim=1)
+                latent = torch.cat([latent, self.normalization[SLAT_BC].apply(bc_latent)], dim=1)
             latents.append(latent)
         samples = [self._sample(f) for f in frames]
         size = samples[0]["beauty"].shape[:2]
@@ -112,19 +114,19 @@ class Stage2Data:
 
     def _sample(self, frame: Frame) -> dict[str, Float[Tensor, "..."]]:
         read = self.release.read_row
-        beauty = read(frame.asset, "relight", "beauty", frame.frame).astype(np.float32)
-        c2w = read(frame.asset, "relight", "c2w", frame.view).astype(np.float64)
-        fov = float(read(frame.asset, "relight", "fov", frame.view))
+        beauty = read(frame.asset, RELIGHT, "beauty", frame.frame).astype(np.float32)
+        c2w = read(frame.asset, RELIGHT, "c2w", frame.view).astype(np.float64)
+        fov = float(read(frame.asset, RELIGHT, "fov", frame.view))
         env = encode_env_map(
             self.env_maps.get(frame.env_map) * frame.strength,
             yaw_rad=frame.yaw_rad,
             c2w=torch.from_numpy(c2w).float(),
         )
         per_view = {
-            name: torch.from_numpy(read(frame.asset, "relight", name, frame.view).astype(np.float32))
+            name: torch.from_numpy(read(frame.asset, RELIGHT, name, frame.view).astype(np.float32))
             for name in ("basecolor", "roughness", "metallic")
         }
-        shadow = read(frame.asset, "relight", "shadow", frame.frame).astype(np.float32)
+        shadow = read(frame.asset, RELIGHT, "shadow", frame.frame).astype(np.float32)
         return {
             "beauty": torch.from_numpy(np.nan_to_num(beauty)),
             "basecolor": per_view["basecolor"],

@@ -20,6 +20,7 @@ from torch import Tensor
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from catalogs.release_reader import Release
+from pipelines.steps import ENV_MAPS
 from training.run import (
     META_FILE,
     RunFolder,
@@ -32,7 +33,7 @@ from training.run import (
 from training.stage2.agx import AgX
 from training.stage2.config import Stage2Config
 from training.stage2.data import Stage2Data
-from training.stage2.env_map_store import EnvMapStore, bundled_env_map_folder
+from training.stage2.env_map_store import EnvMapStore
 from training.stage2.losses import Stage2Target, stage2_losses, tone_mapped
 from training.stage2.lpips import Lpips
 from training.stage2.model import Stage2Inputs, Stage2Model, Stage2Render
@@ -59,8 +60,10 @@ class Stage2Trainer:
         self.config, self.device, self.rank, self.world_size = config, device, rank, world_size
         self.run_folder = RunFolder(config.out_dir, rank)
         self.release = Release.open(config.data_root, config.release, config.release_sha256)
-        folders = list(config.env_maps) or [bundled_env_map_folder()]
-        self.env_maps = EnvMapStore(folders, config.model.tokenizer.map_size)
+        # the maps the release packs (configured folders stand in only for a release that packs none)
+        self.env_maps = EnvMapStore.from_release(
+            self.release, config.model.tokenizer.map_size, folders=config.env_maps
+        )
         held_out = {self.env_maps.digest_of(name) for name in config.held_out_env_maps}
         self.train_data = Stage2Data(
             self.release, "train", self.env_maps, with_bc_slat=config.model.decoder.with_bc_slat, without_env_maps=held_out
@@ -230,7 +233,7 @@ class Stage2Trainer:
             "config": self.config.to_dict(),
             "release": release_pin(self.release),
             "normalization": {role: {"mean": n.mean, "std": n.std} for role, n in self.normalization.items()},
-            "env_maps": {digest: self.env_maps.paths[digest].name for digest in used},
+            ENV_MAPS: {digest: self.env_maps.name_of(digest) for digest in used},  # sha256 -> file name
             "model_sha256": hashlib.sha256((folder / MODEL_FILE).read_bytes()).hexdigest(),
             "parameters": self.num_parameters,
         }
