@@ -10,6 +10,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -97,15 +98,21 @@ def submitted(head_node, tmp_path_factory, render_python) -> tuple[Path, dict]:
 
 
 def _submit(head_node: tuple[str, dict], *command: str) -> subprocess.CompletedProcess:
+    """`ray job submit`, waiting (up to a minute) for the head's job agent, which starts after `ray start`."""
     address, env = head_node
-    return subprocess.run(
-        [str(RAY), "job", "submit", f"--address={address}", "--working-dir", str(REPO), "--", *command],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=1500,
-    )
+    for _ in range(12):
+        job = subprocess.run(
+            [str(RAY), "job", "submit", f"--address={address}", "--working-dir", str(REPO), "--", *command],
+            check=False,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=1500,
+        )
+        if "No available agent to submit job" not in job.stderr:
+            return job
+        time.sleep(5)
+    return job
 
 
 def test_release_holds_every_expected_ok_asset(submitted) -> None:
