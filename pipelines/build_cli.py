@@ -3,10 +3,12 @@
 from pathlib import Path
 
 import click
+import pyarrow.compute as pc
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from catalogs.keys import ENV_MAP_KIND
 from catalogs.planner import plan as plan_work
 from pipelines.build import new_run_id, prepare, run_build
 from pipelines.build_config import BuildConfig
@@ -54,9 +56,9 @@ def plan(config_path: Path, retry_failed: bool) -> None:
     config = BuildConfig.from_yaml(config_path)
     catalog, table, sources, _ = prepare(config, new_run_id())
     work = plan_work(catalog, table.graph, sources, retry_failed=retry_failed)
-    console.print(
-        _counts_table(f"plan over {sources.num_rows} assets ({config.source.kind} source)", work.counts())
-    )
+    maps = sources.filter(pc.equal(sources["kind"], ENV_MAP_KIND)).num_rows
+    title = f"plan over {sources.num_rows - maps} assets ({config.source.kind} source) and {maps} env maps"
+    console.print(_counts_table(title, work.counts()))
 
 
 @click.command()
