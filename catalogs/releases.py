@@ -41,8 +41,8 @@ class SampleFilter:
     """Keep a sample only if the stat `stat` recorded by its `step` artifact satisfies every bound given.
 
     A sample whose `step` has no `ok` artifact, or whose stats lack `stat` (or hold null), is removed. Bounds
-    are inclusive and apply to numbers only (not booleans); `equals` matches booleans only to booleans. With
-    no bound at all, the filter keeps the samples that recorded the stat.
+    are inclusive and apply to numbers (not booleans) and to lists, by their length; `equals` matches booleans
+    only to booleans. With no bound at all, the filter keeps the samples that recorded the stat.
 
     Examples:
         >>> SampleFilter("measure", "num_voxels", min=1, max=65536).describe()
@@ -85,6 +85,8 @@ class SampleFilter:
                 return False
         if self.min is None and self.max is None:
             return True
+        if isinstance(value, list):  # a recorded list (the materials rebuilt, ...) is bounded by its length
+            value = len(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
         return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)

@@ -205,8 +205,8 @@ def render_arrays(recipe: RecipeConfig) -> tuple[ArraySpec, ...]:
     )
 
 
-ASSET_STATS = ("vertices", "faces", "materials", "textures", "missing_textures", "max_alpha_coverage",
-               "has_base_color_texture", "has_metallic_roughness_texture", "has_normal_texture")
+ASSET_STATS = ("vertices", "faces", "materials", "textures", "missing_textures", "rebuilt_materials",
+               "max_alpha_coverage", "has_base_color_texture", "has_metallic_roughness_texture", "has_normal_texture")
 """What importing and rendering an asset records (`render_jobs.worker.prepare_scene`)."""
 
 

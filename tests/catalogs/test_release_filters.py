@@ -158,6 +158,8 @@ def test_a_filter_on_an_unknown_step_or_removing_everything_is_refused(built):
     (SampleFilter("s", "x", min=1), "5", False),
     (SampleFilter("s", "x", max=1), float("nan"), False),
     (SampleFilter("s", "x", equals=4, min=1, max=3), 4, False),
+    (SampleFilter("s", "x", max=0), [], True),  # a list is bounded by its length
+    (SampleFilter("s", "x", max=0), ["Material.001"], False),
     (SampleFilter("s", "x"), 0, True),  # no bound: recorded is enough
     (SampleFilter("s", "x"), None, False),
 ])
