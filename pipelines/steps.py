@@ -48,7 +48,9 @@ class ArraySpec:
         """Why `array` does not fit, or None."""
         fits = array.dtype == np.dtype(self.dtype) and array.ndim == len(self.shape) and all(
             isinstance(want, str) or want == got for want, got in zip(self.shape, array.shape))
-        return None if fits else f"{self.name} is {array.dtype}{list(array.shape)}, declared {self.dtype}{list(self.shape)}"
+        if fits:
+            return None
+        return f"{self.name} is {array.dtype}{list(array.shape)}, declared {self.dtype}{list(self.shape)}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,15 +262,16 @@ def build_table(config: BuildConfig, weights: Mapping[str, WeightsInfo], blender
         ),
         Step(
             StepSpec("features", "2", ("render_lh", "voxelize"), runtime.params(),
-                     {"dinov2": weights["dinov2"].digest}, implementation=("encoders.backproject", "pipelines.compute")),
+                     {"dinov2": weights["dinov2"].digest},
+                     implementation=("encoders.backproject", "pipelines.compute")),
             encode,
             tuple(ArraySpec(f"feats_{r}", "float16", ("N", "D")) for r in runtime.encoder.roles),
             role=FEATURES, transient_inputs=("render_lh",),
         ),
         *(
             Step(
-                StepSpec(f"slat_{r}", "2", ("voxelize", "features"), {"role": r, "device": runtime.device}, encoder_models,
-                         implementation=("encoders.slat_encoder",)),
+                StepSpec(f"slat_{r}", "2", ("voxelize", "features"), {"role": r, "device": runtime.device},
+                         encoder_models, implementation=("encoders.slat_encoder",)),
                 latents,
                 (*voxels, ArraySpec("latent", "float32", ("N", latent_channels))),
                 role=role,
