@@ -213,7 +213,8 @@ class _Driver:
         columns = ("asset_id", "step", "artifact_key", "inputs", "status")
         targets = dict(zip(columns, (work.targets[c].to_pylist() for c in columns)))
         self.keys = {(a, s): k for a, s, k in zip(targets["asset_id"], targets["step"], targets["artifact_key"])}
-        self.lineage = {k: {i["role"]: i["key"] for i in inputs} for k, inputs in zip(targets["artifact_key"], targets["inputs"])}
+        self.lineage = {key: {i["role"]: i["key"] for i in inputs}
+                        for key, inputs in zip(targets["artifact_key"], targets["inputs"])}
         todo: dict[str, dict[str, str]] = collections.defaultdict(dict)
         for asset, step, key in zip(*(work.todo[c].to_pylist() for c in ("asset_id", "step", "artifact_key"))):
             todo[asset][step] = key
@@ -221,7 +222,8 @@ class _Driver:
         for asset, step, status in zip(targets["asset_id"], targets["step"], targets["status"]):
             if status == "ok":
                 stored[asset].add(step)
-        self.source = {a: (s, u) for a, s, u in zip(*(sources[c].to_pylist() for c in ("asset_id", "source_id", "uri")))}
+        columns = (sources[c].to_pylist() for c in ("asset_id", "source_id", "uri"))
+        self.source = {asset: (source_id, uri) for asset, source_id, uri in zip(*columns)}
         self.total, self.done = work.todo.num_rows, 0
         self.report_dir = Path(config.data_root) / "reports" / record.run_id
         self.run_dir = config.scratch_dir / record.run_id
@@ -353,7 +355,8 @@ class _Driver:
         """Commit what has settled (per step one registry commit) once `commit_every` results wait or
         `commit_interval_s` has passed: few Iceberg snapshots, and a crash loses only uncommitted work."""
         execution = self.config.execution
-        due = len(self.buffer) >= execution.commit_every or time.monotonic() - self.last_commit >= execution.commit_interval_s
+        waited = time.monotonic() - self.last_commit
+        due = len(self.buffer) >= execution.commit_every or waited >= execution.commit_interval_s
         if not self.buffer or not (force or due):
             return
         by_step: dict[str, list[Settled]] = collections.defaultdict(list)
@@ -361,7 +364,8 @@ class _Driver:
             by_step[settled.step].append(settled)
         for step, items in by_step.items():
             records = [_record(item) for item in items]
-            rows = self.work.todo.filter(pc.is_in(self.work.todo["artifact_key"], pa.array([r.artifact_key for r in records])))
+            keys = pa.array([r.artifact_key for r in records])
+            rows = self.work.todo.filter(pc.is_in(self.work.todo["artifact_key"], keys))
             commit_batch(self.catalog, rows, records, self.record.run_id)
             for item, record in zip(items, records):
                 self.record.observe(step, item.asset, record)

@@ -227,7 +227,10 @@ def encode_latents(worker: Any, request: CallRequest, inputs: Inputs) -> CallOut
     return CallOutput(_latents(worker, coords, {role: stored[f"feats_{role}"] for role in asked.values()}, asked))
 
 
-def _latents(worker: Any, coords: np.ndarray, features: dict[str, np.ndarray], steps: dict[str, str]) -> dict[str, StepOutput]:
+def _latents(
+    worker: Any, coords: np.ndarray, features: dict[str, np.ndarray], steps: dict[str, str]
+) -> dict[str, StepOutput]:
+    """Per step (`slat_<role>`, in `steps` with its role) the latents of `features`, on `coords`."""
     clock = time.perf_counter()
     try:
         latents = worker.encoder.encode_latents(coords, features)

@@ -60,12 +60,14 @@ class StepWorker:
         records = {}
         for step, key in request.keys.items():
             made = output.steps.get(step)
-            problems = _schema_problems(request.schemas[step], made.arrays) if made else [f"{request.call} made no {step}"]
+            problems = (_schema_problems(request.schemas[step], made.arrays) if made
+                        else [f"{request.call} made no {step}"])
             if problems:
                 records[step] = self._failed(key, StepFailed(Reason.INVALID_OUTPUT, "; ".join(problems)), seconds)
                 continue
             clock = time.perf_counter()
-            (packed,) = write_pack(self.data_root, step, request.spec_hashes[step], request.run_id, [(key, made.arrays)])
+            (packed,) = write_pack(self.data_root, step, request.spec_hashes[step], request.run_id,
+                                   [(key, made.arrays)])
             writing = time.perf_counter() - clock  # charged to the step: it holds the worker like the compute
             records[step] = ArtifactRecord(key, packed, stats={**made.stats, "pack_write_s": round(writing, 4)},
                                            worker=self.name,
@@ -109,7 +111,8 @@ class RenderActor(StepWorker):
         result = self.supervisor.render(RenderRequest(request.uri, str(out_dir), request.source_id, recipe.to_dict()))
         if not result.is_ok:
             known = result.reason in Reason._value2member_map_
-            raise StepFailed(Reason(result.reason) if known else Reason.RENDER_ERROR, result.message, result.stderr_tail)
+            reason = Reason(result.reason) if known else Reason.RENDER_ERROR
+            raise StepFailed(reason, result.message, result.stderr_tail)
         sheet = Path(result.out_dir) / "contact_sheets" / "beauty.png"
         if sheet.exists():
             (self.report_dir / "sheets").mkdir(parents=True, exist_ok=True)

@@ -133,9 +133,12 @@ class _Asset:
     superseded: list[tuple[int, Any, str | None]] = dataclasses.field(default_factory=list)
     """Transient outputs of a call that ran again for the asset: discarded with the rest."""
 
+    def settled(self, step: str) -> bool:
+        return step in self.outputs or step in self.failures
+
     @property
     def done(self) -> bool:
-        return not self.in_flight and all(s in self.outputs or s in self.failures for s in self.todo)
+        return not self.in_flight and all(self.settled(s) for s in self.todo)
 
 
 class Scheduler:
@@ -244,7 +247,7 @@ class Scheduler:
 
     def _settle(self, asset: str, step: str, outcome: Any) -> None:
         state = self._active[asset]
-        if step in state.outputs or step in state.failures:
+        if state.settled(step):
             raise RuntimeError(f"{asset}/{step} settled twice")
         if outcome.ok:
             state.outputs[step] = outcome
@@ -271,7 +274,9 @@ class Scheduler:
             if call in state.transient_failures:
                 return "failed", state.transient_failures[call]
             upstream = [i for i in self.topology.steps[name].inputs if self._input_state(state, name, i)[0] == "failed"]
-            return ("failed", Failure(Reason.UPSTREAM_FAILED, f"{name} cannot be made")) if upstream else ("pending", None)
+            if upstream:
+                return "failed", Failure(Reason.UPSTREAM_FAILED, f"{name} cannot be made")
+            return "pending", None
         if name in state.outputs:
             return "ok", state.outputs[name]
         if name in state.failures:
@@ -289,7 +294,7 @@ class Scheduler:
         while changed:
             changed = False
             for step in self._order:  # fail what can no longer be made
-                if step not in state.todo or step in state.outputs or step in state.failures or step in state.dispatched:
+                if step not in state.todo or step in state.dispatched or state.settled(step):
                     continue
                 for name in self.topology.steps[step].inputs:
                     status, why = self._input_state(state, step, name)
@@ -309,8 +314,7 @@ class Scheduler:
         """The call to make now for `call` on this asset, if any is needed and ready and its pool has room."""
         if self._running[call.worker] >= self.capacity.get(call.worker, float("inf")):
             return None
-        open_steps = [s for s in self._order if s in state.todo and s not in state.dispatched
-                      and s not in state.outputs and s not in state.failures]
+        open_steps = [s for s in self._order if s in state.todo and s not in state.dispatched and not state.settled(s)]
         mine = [s for s in open_steps if self.topology.steps[s].call == call.name]
         needs_transient = call.transient and call.name not in state.transient_calls and any(
             self._reads_ready(state, s, call.name) for s in open_steps)
