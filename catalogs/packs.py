@@ -232,6 +232,15 @@ class PackReader:
             raise DamagedPackError(self.pack_path, "", "content digest mismatch: these are not the bytes committed", where)
         return out
 
+    def read_names(self, arrays: Sequence[ArraySlice], names: Sequence[str] | None, *, digest: str,
+                   where: str = "", verify: bool = False) -> dict[str, np.ndarray]:
+        """The arrays in `names` (all when None) of one asset, every chunk checked. The content digest is
+        checked when `verify`, and always for packs without chunk checksums, which are then read whole."""
+        verify = verify or not self.is_checked
+        chosen = arrays if names is None or verify else [a for a in arrays if a.name in names]
+        out = self.read(chosen, where=where, digest=digest if verify else None)
+        return out if names is None else {name: out[name] for name in names if name in out}
+
     def rows(self, item: ArraySlice, rows: slice | int, *, where: str = "") -> np.ndarray:
         """Rows of one array, by row number in the pack (checksums only: see `read` for unchecked packs)."""
         with _naming_damage(self.pack_path, item.name, where):

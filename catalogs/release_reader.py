@@ -124,13 +124,9 @@ class Release:
             DamagedPackError: a chunk the read needs is missing or undecodable, or the digest does not match.
         """
         row = self._row(sample_id, role)
-        pack = self._pack(row["pack_path"])
         slices = [ArraySlice.from_dict(item) for item in row["arrays"]]
-        verify = verify or not pack.is_checked
-        if names is not None and not verify:
-            slices = [a for a in slices if a.name in names]
-        arrays = pack.read(slices, where=f"{sample_id}/{role}", digest=row["content_digest"] if verify else None)
-        return arrays if names is None else {name: arrays[name] for name in names if name in arrays}
+        return self._pack(row["pack_path"]).read_names(slices, names, digest=row["content_digest"],
+                                                       where=f"{sample_id}/{role}", verify=verify)
 
     def read_row(self, sample_id: str, role: str, name: str, index: int) -> np.ndarray:
         """Row `index` of one array of a sample's role (one view or frame), reading only its own chunk."""

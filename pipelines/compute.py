@@ -86,14 +86,10 @@ class Inputs:
     def arrays(self, step: str, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
         packed = self.request.inputs[step]
         try:
-            reader = PackReader(self.data_root, packed.pack_path)
-            slices = packed.arrays if names is None or not reader.is_checked else [
-                a for a in packed.arrays if a.name in names]
-            digest = None if reader.is_checked else packed.content_digest
-            arrays = reader.read(slices, where=f"{self.request.asset_id}/{step}", digest=digest)
+            return PackReader(self.data_root, packed.pack_path).read_names(
+                packed.arrays, names, digest=packed.content_digest, where=f"{self.request.asset_id}/{step}")
         except (DamagedPackError, OSError) as err:
             raise StepFailed(Reason.DAMAGED_INPUT, f"{step}: {err}") from err
-        return arrays if names is None else {name: arrays[name] for name in names}
 
 
 def latent_moments(latent: np.ndarray) -> dict[str, Any]:

@@ -95,12 +95,7 @@ def ingest(catalog: FactoryCatalog, config: BuildConfig, run_id: str) -> tuple[p
     """Register the revisions the catalog has not seen; return this build's assets (asset_id, source_id, uri)
     and the source entries skipped."""
     found, skipped = find_sources(config)
-    current = catalog.current_sources()
-    seen = set(zip(current["asset_id"].to_pylist(), current["source_id"].to_pylist()))
-    new = [(a, s) not in seen for a, s in zip(found["asset_id"].to_pylist(), found["source_id"].to_pylist())]
-    if any(new):
-        catalog.register_sources(found.filter(pa.array(new)), run_id)
-    return found.select(["asset_id", "source_id", "uri", "kind"]), skipped
+    return _register_new_revisions(catalog, found, run_id), skipped
 
 
 def register_env_maps(catalog: FactoryCatalog, env_maps: EnvMaps, run_id: str) -> pa.Table:
@@ -111,10 +106,15 @@ def register_env_maps(catalog: FactoryCatalog, env_maps: EnvMaps, run_id: str) -
          "kind": ENV_MAP_KIND, "origin": f"env_maps:{path.parent}", "license": None, "attrs_json": None}
         for name, (path, digest) in sorted(env_maps.files.items())
     ]
-    found = pa.Table.from_pylist(rows, schema=SOURCE_ROW_SCHEMA)
+    return _register_new_revisions(catalog, pa.Table.from_pylist(rows, schema=SOURCE_ROW_SCHEMA), run_id)
+
+
+def _register_new_revisions(catalog: FactoryCatalog, found: pa.Table, run_id: str) -> pa.Table:
+    """Register the (asset_id, source_id) pairs of `found` the catalog has not seen as current; return `found` as
+    this build's sources (asset_id, source_id, uri, kind)."""
     current = catalog.current_sources()
     seen = set(zip(current["asset_id"].to_pylist(), current["source_id"].to_pylist()))
-    new = [(row["asset_id"], row["source_id"]) not in seen for row in rows]
+    new = [pair not in seen for pair in zip(found["asset_id"].to_pylist(), found["source_id"].to_pylist())]
     if any(new):
         catalog.register_sources(found.filter(pa.array(new, pa.bool_())), run_id)
     return found.select(["asset_id", "source_id", "uri", "kind"])
