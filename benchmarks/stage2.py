@@ -81,7 +81,8 @@ def _inputs(
     )  # fmt: skip
     image = torch.rand(objects, size, size, 1, device=device)
     target = Stage2Target(
-        image.expand(-1, -1, -1, 3), image, image.expand(-1, -1, -1, 3), image, image, image
+        image.expand(-1, -1, -1, 3), image, image.expand(-1, -1, -1, 3), image, image, image,
+        torch.ones(objects, device=device),
     )
     return inputs, target
 

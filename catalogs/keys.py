@@ -7,7 +7,10 @@
                          a step draws per asset (the env maps a render's frames use), that content's sha256
 
 so changing one step's spec changes its keys and, through the input ids, the keys of everything downstream
-of it, and nothing else; new bytes of one env map change only the keys of the renders that drew it. Canonical JSON: sorted keys, no whitespace, floats by `repr`, NaN refused.
+of it, and nothing else; new bytes of one env map change only the keys of the renders that drew it. A step
+may run for some sources only (`StepSpec.only`: render_eval for test assets); it and the steps reading it then
+have no key for the others, and the keys it has do not depend on that choice. Canonical JSON: sorted keys, no
+whitespace, floats by `repr`, NaN refused.
 """
 
 import dataclasses
@@ -67,6 +70,10 @@ class StepSpec:
     draws: Callable[[str], Mapping[str, str]] | None = dataclasses.field(default=None, compare=False)
     """source_id -> {input role: content sha256} of the content this asset's output is made from besides its
     inputs (the env maps its frames draw): part of the artifact key, not of the spec hash."""
+    only: Callable[[str], bool] | None = dataclasses.field(default=None, compare=False)
+    """source_id -> whether the step runs for that source (render_eval: test assets only, `SplitRule.is_test`);
+    None runs it for every source. Steps reading a skipped step are skipped too. Not part of the spec hash: it
+    selects targets, it does not change content (an asset's key is the same whatever the rule)."""
 
     def __post_init__(self) -> None:
         if not self.name or self.name == SOURCE:
@@ -77,6 +84,10 @@ class StepSpec:
             raise ValueError(f"step {self.name!r}: inputs must be distinct and non-empty, got {self.inputs}")
         if self.over not in ("asset", ENV_MAP_KIND):
             raise ValueError(f"step {self.name!r}: over must be 'asset' or {ENV_MAP_KIND!r}, got {self.over!r}")
+        for name in ("draws", "only"):
+            if getattr(self, name) is not None and not callable(getattr(self, name)):
+                raise TypeError(f"step {self.name!r}: {name} must be a function of the source_id or None, "
+                                f"got {getattr(self, name)!r}")
         canonical_json(self.key_fields())  # params, models and env must be plain JSON
 
     def key_fields(self) -> dict[str, Any]:
@@ -124,13 +135,19 @@ class StepGraph:
         return found
 
     def asset_keys(self, source_id: str) -> dict[str, tuple[str, dict[str, str]]]:
-        """step -> (artifact_key, {input role: input id}) for one asset."""
+        """step -> (artifact_key, {input role: input id}) for one asset (the steps that run for it)."""
         return self.keys_of(source_id, self.specs)
 
     def keys_of(self, source_id: str, specs: Iterable[StepSpec]) -> dict[str, tuple[str, dict[str, str]]]:
-        """step -> (artifact_key, {input role: input id}) of `specs` (closed under inputs) for one source."""
+        """step -> (artifact_key, {input role: input id}) of `specs` (closed under inputs) for one source.
+
+        A spec whose `only` rejects the source is left out, and so is every spec that reads a left-out one."""
         keys: dict[str, tuple[str, dict[str, str]]] = {}
+        skipped: set[str] = set()
         for spec in specs:
+            if skipped.intersection(spec.inputs) or (spec.only is not None and not spec.only(source_id)):
+                skipped.add(spec.name)
+                continue
             inputs = {role: source_id if role == SOURCE else keys[role][0] for role in spec.inputs}
             if spec.draws is not None:
                 inputs.update(spec.draws(source_id))

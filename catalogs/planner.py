@@ -42,8 +42,8 @@ class Plan:
 
 
 def target_keys(graph: StepGraph, sources: pa.Table) -> pa.Table:
-    """TARGET_SCHEMA rows for every (source in `sources`, step of `graph` over its kind), step-major in
-    dependency order. Sources without a `kind` column are assets."""
+    """TARGET_SCHEMA rows for every (source in `sources`, step of `graph` over its kind) that the step runs for
+    (`StepSpec.only`), step-major in dependency order. Sources without a `kind` column are assets."""
     per_step: dict[str, list[tuple]] = {name: [] for name in graph.names}
     kinds = sources["kind"].to_pylist() if "kind" in sources.column_names else ["asset"] * sources.num_rows
     steps_of = {kind: graph.over(kind) for kind in set(kinds)}

@@ -103,12 +103,32 @@ class Release:
         return cls(Path(data_root), info, manifest)
 
     @property
+    def split_rule(self) -> dict | None:
+        """The rule that put each sample in train, val or test (`catalogs.splits.SplitRule.to_dict`); None for a
+        release published before releases recorded it (train and val only, by a hash of the asset id)."""
+        return self.info.get("split_rule")
+
+    @property
+    def test_roles(self) -> frozenset[str]:
+        """Roles only the `test` samples have (render_eval's ground truth); none for releases before split rules."""
+        return frozenset(self.info.get("test_roles", ()))
+
+    @property
     def sample_ids(self) -> list[str]:
         """The assets of the release (not the shared rows, such as its env maps)."""
         rows = self.manifest.filter(pc.not_equal(self.manifest["split"], SHARED_SPLIT))
         return list(dict.fromkeys(rows["sample_id"].to_pylist()))
 
+    def has(self, sample_id: str, role: str) -> bool:
+        """Whether the sample has a row of `role` (test-only roles exist for test samples alone)."""
+        return (sample_id, role) in self._rows
+
+    def array_names(self, sample_id: str, role: str) -> list[str]:
+        """The names of the arrays of a sample's role, read from the manifest (no pack is opened)."""
+        return [item["name"] for item in self._row(sample_id, role)["arrays"]]
+
     def split(self, name: str) -> list[str]:
+        """The samples of split `name` (`train`, `val`, `test`; `shared` for rows such as the env maps)."""
         rows = self.manifest.filter(pc.equal(self.manifest["split"], name))
         return list(dict.fromkeys(rows["sample_id"].to_pylist()))
 

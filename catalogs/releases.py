@@ -11,8 +11,8 @@ metadata file (`record_digest`).
 
 import collections
 import dataclasses
-import hashlib
 import json
+import logging
 import math
 import os
 import tempfile
@@ -29,7 +29,10 @@ from catalogs.errors import CatalogError, ReleaseExistsError, check_release_name
 from catalogs.keys import StepGraph, digest, package_version, sha256_file
 from catalogs.planner import target_keys
 from catalogs.release_reader import MANIFEST_FILE, RELEASE_FILE, SHARED_SPLIT, release_dir
+from catalogs.splits import TEST, SplitRule
 from catalogs.tables import SCHEMAS, FactoryCatalog, utc_now
+
+logger = logging.getLogger(__name__)
 
 TAG_PREFIX = "rel-"
 SNAPSHOT_FIELDS = ("snapshot_id", "metadata_location")
@@ -114,33 +117,62 @@ class Selection:
     rows: pa.Table
     """SCHEMAS["samples"] rows, one per kept sample and role."""
     candidates: int
-    """Samples with an `ok` artifact for every role, before the filters."""
+    """Samples with an `ok` artifact for every role their split needs, before the filters."""
     filters: list[dict[str, Any]]
     """Per filter, in order: its to_dict(), its `description` and how many samples it `removed`."""
 
 
 @dataclasses.dataclass(frozen=True)
 class ReleaseSpec:
-    """Which artifacts form a sample and which samples are in."""
+    """Which artifacts form a sample, which samples are in, and which split each is in.
+
+    Examples:
+        >>> spec = ReleaseSpec("v1", {"latents": "slat_lh", "eval": "render_eval"}, test_roles=frozenset({"eval"}))
+        >>> spec.split
+        SplitRule(test_percent=1.0, val_percent=5.0)
+    """
 
     name: str
     roles: Mapping[str, str]
     """Role in the release -> step whose `ok` artifact fills it (e.g. {"latents": "encode"})."""
-    val_percent: int = 5
-    """Share of samples in the `val` split, by a stable hash of the sample id."""
+    _: dataclasses.KW_ONLY
+    split: SplitRule = SplitRule()
+    """train / val / test of each sample, by its source_id (`catalogs.splits`): keep `test_percent` fixed across
+    releases, so that no test asset is ever trained on."""
     filters: tuple[SampleFilter, ...] = ()
     """Applied in order to the complete samples; recorded in release.json with what each removed."""
     shared_roles: frozenset[str] = frozenset()
     """Roles with a row per item of their own (the env maps), split `shared`, not per sample."""
+    test_roles: frozenset[str] = frozenset()
+    """Roles that only test samples have and need (render_eval's ground truth, made for test assets only): a
+    test sample is complete only with them, and no other sample gets their rows."""
+    held_out_env_maps: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """File name -> sha256 of the env maps held out for evaluation (Stage 2 never trains on them), recorded in
+    release.json so training and `near eval` read one list."""
 
     def __post_init__(self) -> None:
         check_release_name(self.name)
         if not self.roles:
             raise ValueError("a release needs at least one role")
+        if not isinstance(self.split, SplitRule):
+            raise TypeError(f"release split must be a SplitRule, got {self.split!r}")
         object.__setattr__(self, "filters", tuple(self.filters))
         wrong = [f for f in self.filters if not isinstance(f, SampleFilter)]
         if wrong:
             raise TypeError(f"release filters must be SampleFilter, got {wrong!r}")
+        for name in ("shared_roles", "test_roles"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                raise TypeError(f"release {name} must be a set of role names, got the string {value!r}")
+            object.__setattr__(self, name, frozenset(value))
+        unknown = sorted(self.test_roles - set(self.roles))
+        if unknown:
+            raise ValueError(f"release test_roles {unknown} are not roles of the release ({sorted(self.roles)})")
+        if self.test_roles & self.shared_roles:
+            raise ValueError(f"roles {sorted(self.test_roles & self.shared_roles)} cannot be both shared and test-only")
+        if not set(self.roles) - self.shared_roles - self.test_roles:
+            raise ValueError(f"release {self.name!r} needs a role that every sample has, "
+                             f"not only shared or test roles ({sorted(self.roles)})")
 
 
 def record_digest(record: Mapping) -> str:
@@ -148,13 +180,10 @@ def record_digest(record: Mapping) -> str:
     return digest({key: value for key, value in record.items() if key not in SNAPSHOT_FIELDS})
 
 
-def split_of(sample_id: str, val_percent: int) -> str:
-    return "val" if int(hashlib.sha256(sample_id.encode()).hexdigest()[:8], 16) % 100 < val_percent else "train"
-
-
 def select_samples(catalog: FactoryCatalog, graph: StepGraph, spec: ReleaseSpec) -> Selection:
-    """Samples rows (one per sample and role) of every current source whose every role has an `ok` artifact
-    and that every filter of `spec` keeps. Raises ValueError if a filter names a step the graph lacks."""
+    """Samples rows (one per sample and role) of every current source with an `ok` artifact for every role its
+    split needs (`spec.split` of its source_id; the test roles for test samples only) and that every filter of
+    `spec` keeps. Raises ValueError if a filter names a step the graph lacks."""
     unknown = sorted({f.step for f in spec.filters} - set(graph.names))
     if unknown:
         raise ValueError(f"release {spec.name!r} filters on steps {unknown} that the graph lacks "
@@ -178,13 +207,9 @@ def select_samples(catalog: FactoryCatalog, graph: StepGraph, spec: ReleaseSpec)
     candidates = pa.concat_tables(parts) if parts else joined
     shared = pc.is_in(candidates["role"], pa.array(sorted(spec.shared_roles), pa.string()))
     shared_rows, candidates = candidates.filter(shared), candidates.filter(pc.invert(shared))
-    complete = pc.value_counts(candidates["asset_id"])
-    per_sample = len(set(spec.roles) - spec.shared_roles)
-    full = sorted(v["values"] for v in complete.to_pylist() if v["counts"] == per_sample)
+    candidates, full = _complete_samples(candidates, spec)
     kept, removed = apply_filters(full, _stats_by_step(filter_targets, ok), spec.filters)
     rows = candidates.filter(pc.is_in(candidates["asset_id"], pa.array(kept, pa.string())))
-    splits = [split_of(s, spec.val_percent) for s in rows["asset_id"].to_pylist()]
-    rows = rows.append_column("split", pa.array(splits, pa.string()))
     if kept:  # a release of no sample needs no shared rows (and is refused as empty)
         rows = pa.concat_tables([
             rows, shared_rows.append_column("split", pa.array([SHARED_SPLIT] * shared_rows.num_rows, pa.string()))])
@@ -194,6 +219,29 @@ def select_samples(catalog: FactoryCatalog, graph: StepGraph, spec: ReleaseSpec)
     filters = [{**f.to_dict(), "description": f.describe(), "removed": n}
                for f, n in zip(spec.filters, removed)]
     return Selection(rows, candidates=len(full), filters=filters)
+
+
+def _complete_samples(candidates: pa.Table, spec: ReleaseSpec) -> tuple[pa.Table, list[str]]:
+    """The per-sample rows with their `split` column (test-role rows of samples not in test dropped), and the
+    sorted ids of the samples complete for their split: every per-sample role, plus the test roles in test."""
+    source_ids = candidates["source_id"].to_pylist()
+    split_by_source = {source_id: spec.split.split_of(source_id) for source_id in set(source_ids)}
+    candidates = candidates.append_column("split", pa.array([split_by_source[s] for s in source_ids], pa.string()))
+    test_role = pc.is_in(candidates["role"], pa.array(sorted(spec.test_roles), pa.string()))
+    candidates = candidates.filter(pc.or_(pc.invert(test_role), pc.equal(candidates["split"], TEST)))
+    per_sample = len(set(spec.roles) - spec.shared_roles - spec.test_roles)
+    needed = {False: per_sample, True: per_sample + len(spec.test_roles)}
+    asset_ids, roles = candidates["asset_id"].to_pylist(), candidates["role"].to_pylist()
+    is_test = {asset_id: split == TEST for asset_id, split in zip(asset_ids, candidates["split"].to_pylist())}
+    counts = collections.Counter(asset_ids)
+    full = sorted(a for a, n in counts.items() if n == needed[is_test[a]])
+    if spec.test_roles:  # complete but for a test role: the build's rule (StepSpec.only) may not be the release's
+        plain = collections.Counter(a for a, role in zip(asset_ids, roles) if role not in spec.test_roles)
+        lacking = sum(1 for a, n in plain.items() if is_test[a] and n == per_sample and counts[a] < needed[True])
+        if lacking:
+            logger.warning("release %s: %d test samples lack a test role %s and are left out (was the build's "
+                           "split rule the release's %s?)", spec.name, lacking, sorted(spec.test_roles), spec.split)
+    return candidates, full
 
 
 def apply_filters(sample_ids: Sequence[str], stats_by_step: Mapping[str, Mapping[str, Mapping[str, Any]]],
@@ -258,7 +306,9 @@ def create_release(catalog: FactoryCatalog, graph: StepGraph, spec: ReleaseSpec)
         "name": spec.name, "table": "factory.samples", "tag": tag, "manifest": MANIFEST_FILE,
         "manifest_sha256": manifest_sha256, "num_rows": samples.num_rows,
         "num_samples": len(kept_samples(samples)), "splits": _split_counts(samples), "roles": role_specs,
-        "candidates": selection.candidates, "filters": selection.filters, "val_percent": spec.val_percent,
+        "candidates": selection.candidates, "filters": selection.filters,
+        "split_rule": spec.split.to_dict(), "test_roles": sorted(spec.test_roles),
+        "held_out_env_maps": dict(sorted(spec.held_out_env_maps.items())),
         "artifacts_snapshot_id": artifacts_snapshot.snapshot_id if artifacts_snapshot else None,
         "sources_snapshot_id": sources_snapshot.snapshot_id if sources_snapshot else None,
         "code_version": package_version(), "created_at": utc_now().isoformat(),

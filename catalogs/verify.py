@@ -2,11 +2,13 @@
 
 Every check yields `Problem`s and goes on: one damaged pack, sample or release is reported by name with its
 reason, and the rest is still checked. A release is checked against its witness in the catalog, the tagged
-`samples` snapshot: same rows as the manifest, and a `release_digest` equal to the digest of release.json.
+`samples` snapshot: same rows as the manifest, and a `release_digest` equal to the digest of release.json; and
+each sample's split is re-derived from the split rule release.json records.
 """
 
 import collections
 import dataclasses
+import hashlib
 import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +18,8 @@ import pyarrow as pa
 from catalogs.errors import CatalogError, DamagedPackError
 from catalogs.packs import ArraySlice, PackReader
 from catalogs.release_reader import RELEASE_FILE, SHARED_SPLIT, Release
-from catalogs.releases import TAG_PREFIX, record_digest, split_of
+from catalogs.releases import TAG_PREFIX, record_digest
+from catalogs.splits import TEST, TRAIN, VAL, SplitRule
 from catalogs.tables import SCHEMAS, FactoryCatalog
 
 SHOWN_DIFFERENCES = 3
@@ -123,7 +126,8 @@ def _check_counts(where: str, release: Release) -> Iterator[Problem]:
         "splits": dict(collections.Counter(splits.values())),
         "roles": sorted(set(manifest["role"].to_pylist())),
     }
-    recorded = {**{key: info[key] for key in facts}, "roles": sorted(info["roles"])}
+    absent = set() if TEST in splits.values() else release.test_roles  # test-only roles need a test sample
+    recorded = {**{key: info[key] for key in facts}, "roles": sorted(set(info["roles"]) - absent)}
     for key, value in facts.items():
         if recorded[key] != value:
             yield Problem(where, f"{RELEASE_FILE} says {key} = {recorded[key]}, the manifest has {value}")
@@ -131,7 +135,54 @@ def _check_counts(where: str, release: Release) -> Iterator[Problem]:
     for role, spec in info["roles"].items():
         if role in steps and steps[role] != spec.get("step"):
             yield Problem(where, f"role {role} is step {spec.get('step')} in {RELEASE_FILE}, {steps[role]} in the manifest")
-    if "val_percent" in info:
-        wrong = [s for s, split in splits.items() if split in ("train", "val") and split != split_of(s, info["val_percent"])]
-        if wrong:
-            yield Problem(where, f"{len(wrong)} samples are not in the split val_percent={info['val_percent']} puts them in")
+    yield from _check_splits(where, release, splits)
+
+
+def _check_splits(where: str, release: Release, splits: dict[str, str]) -> Iterator[Problem]:
+    """Each sample's split against the rule release.json records, and the test-only roles against the splits."""
+    info, manifest = release.info, release.manifest
+    if "split_rule" not in info:
+        if "val_percent" in info:  # a release before split rules: train / val by a hash of the asset id
+            wrong = [s for s, split in splits.items()
+                     if split in (TRAIN, VAL) and split != _split_before_rules(s, info["val_percent"])]
+            if wrong:
+                yield Problem(where, f"{len(wrong)} samples are not in the split val_percent={info['val_percent']} puts them in")
+        return
+    try:
+        rule = SplitRule.from_dict(info["split_rule"])
+    except (TypeError, ValueError, KeyError) as err:
+        yield Problem(where, f"{RELEASE_FILE} records a split rule this code cannot check: {err}")
+        return
+    if "source_id" not in manifest.column_names:
+        yield Problem(where, "the manifest has no source_id column: its splits cannot be checked")
+        return
+    sources = dict(zip(manifest["sample_id"].to_pylist(), manifest["source_id"].to_pylist()))
+    wrong = sorted(s for s, split in splits.items() if split != SHARED_SPLIT and split != _rule_split(rule, sources[s]))
+    if wrong:
+        yield Problem(where, f"{len(wrong)} samples are not in the split {RELEASE_FILE}'s split rule puts them in "
+                             f"(first: {wrong[0]})")
+    test_roles = release.test_roles
+    outside = sorted({s for s, role in zip(manifest["sample_id"].to_pylist(), manifest["role"].to_pylist())
+                      if role in test_roles and splits[s] != TEST})
+    if outside:
+        yield Problem(where, f"{len(outside)} samples outside test have rows of the test-only roles "
+                             f"{sorted(test_roles)} (first: {outside[0]})")
+    roles_of = collections.defaultdict(set)
+    for sample, role in zip(manifest["sample_id"].to_pylist(), manifest["role"].to_pylist()):
+        roles_of[sample].add(role)
+    lacking = sorted(s for s, split in splits.items() if split == TEST and not test_roles <= roles_of[s])
+    if lacking:
+        yield Problem(where, f"{len(lacking)} test samples lack a test-only role of {sorted(test_roles)} "
+                             f"(first: {lacking[0]})")
+
+
+def _rule_split(rule: SplitRule, source_id: str) -> str | None:
+    try:
+        return rule.split_of(source_id)
+    except ValueError:  # not a sha256: no split is right for it
+        return None
+
+
+def _split_before_rules(sample_id: str, val_percent: int) -> str:
+    """The split of releases published before split rules (release.json's `val_percent`, no test split)."""
+    return VAL if int(hashlib.sha256(sample_id.encode()).hexdigest()[:8], 16) % 100 < val_percent else TRAIN

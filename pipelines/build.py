@@ -11,6 +11,7 @@ for `gc`.
 import collections
 import dataclasses
 import datetime
+import hashlib
 import logging
 import os
 import secrets
@@ -40,13 +41,13 @@ from encoders.weights import WeightsInfo
 from infra.environments import render_env_facts
 from infra.errors import ConfigError
 from pipelines import scratch
-from pipelines.build_config import BuildConfig
+from pipelines.build_config import BuildConfig, ReleaseConfig
 from pipelines.compute import CallReply, CallRequest
 from pipelines.executors import EncoderActor, RenderActor
 from pipelines.ingest import ingest, register_env_maps
 from pipelines.scheduler import STORED, Dispatch, Failure, Scheduler, Settled
 from pipelines.steps import EnvMaps, StepTable, build_table
-from render_jobs.recipes import env_map_files
+from render_jobs.recipes import EVAL_RECIPE, env_map_files
 from render_jobs.supervisor import RenderWorkerConfig
 
 logger = logging.getLogger(__name__)
@@ -150,7 +151,28 @@ def find_env_maps(config: BuildConfig, bundled: Path) -> EnvMaps:
             if files.setdefault(name, (path, digest))[1] != digest:
                 raise ConfigError(f"two env maps named {name} differ ({files[name][0]}, {path}); rename one")
         by_recipe[recipe.name] = tuple(sorted(found))
+    held_out = held_out_env_maps(config.release, by_recipe["relight"])
+    if held_out:
+        by_recipe[EVAL_RECIPE] = held_out
     return EnvMaps(files, by_recipe)
+
+
+def held_out_env_maps(release: ReleaseConfig, relight_maps: tuple[str, ...]) -> tuple[str, ...]:
+    """The relight maps Stage 2 never trains on: the configured names, else `num_held_out_env_maps` of them
+    chosen by the sha256 of their names (a fixed choice that a new map rarely changes), in name order."""
+    if release.held_out_env_maps:
+        missing = sorted(set(release.held_out_env_maps) - set(relight_maps))
+        if missing:
+            raise ConfigError(f"release.held_out_env_maps: {missing} are not among the relight maps "
+                              f"{list(relight_maps)}")
+        chosen = release.held_out_env_maps
+    else:
+        chosen = sorted(relight_maps, key=lambda name: hashlib.sha256(name.encode()).hexdigest())
+        chosen = chosen[: release.num_held_out_env_maps]
+    if chosen and len(chosen) >= len(relight_maps):
+        raise ConfigError(f"release: holding out {len(chosen)} of the {len(relight_maps)} relight env maps leaves "
+                          f"none to train on; add maps or set release.num_held_out_env_maps lower")
+    return tuple(sorted(chosen))
 
 
 def prepare(config: BuildConfig, run_id: str, customize: Callable[[StepTable], StepTable] | None = None
@@ -389,8 +411,9 @@ def _release(catalog: FactoryCatalog, table: StepTable, config: BuildConfig) -> 
     filters = [SampleFilter(voxels, "num_voxels", min=spec.min_voxels, max=spec.max_voxels)]
     filters += [SampleFilter(table.step_recording(f.stat), f.stat, min=f.min, max=f.max, equals=f.equals)
                 for f in spec.filters]
-    release = ReleaseSpec(spec.name, table.roles, shared_roles=frozenset(table.shared_roles),
-                          val_percent=spec.val_percent, filters=tuple(filters))
+    release = ReleaseSpec(spec.name, table.roles, split=spec.split, shared_roles=frozenset(table.shared_roles),
+                          test_roles=frozenset(table.test_roles), filters=tuple(filters),
+                          held_out_env_maps=table.held_out_env_maps)
     try:
         return create_release(catalog, table.graph, release)
     except ReleaseExistsError as err:

@@ -6,7 +6,7 @@
       lh: {num_views: 150, resolution_px: 512, samples: 16}
     models: {dinov2: facebook/dinov2-with-registers-large, slat_encoder: ..., slat_flow: ...}
     shaded: {views: 1, sampler: {steps: 25, cfg_strength: 3.0}}   # the shaded SLAT Z_s of Stage 1
-    release: {name: lh-slat-v1, min_voxels: 1, max_voxels: 65536,
+    release: {name: lh-slat-v1, min_voxels: 1, max_voxels: 65536, test_percent: 1, val_percent: 5,
               filters: [{stat: has_base_color_texture, equals: true}]}
 
 Every relative path is relative to the YAML file's folder.
@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 from catalogs.errors import check_release_name
 from catalogs.objaverse import OBJAVERSE_SOURCES, ObjaverseSelection
+from catalogs.splits import SplitRule
 from encoders.asset_encoder import DEFAULT_SLAT_ENCODER
 from encoders.dinov2 import DEFAULT_DINOV2, Precision
 from encoders.shaded_slat import DEFAULT_SLAT_FLOW, ShadedSlatConfig
@@ -28,9 +29,9 @@ from infra.config import (
     ModelReference,
     NonNegativeFloat,
     NonNegativeInt,
-    Percent,
     PositiveFloat,
     PositiveInt,
+    Range,
     Resolve,
     check_field,
     load_config,
@@ -102,7 +103,15 @@ class ReleaseConfig(FrozenConfig):
     """No release when unset; else one plain name (`catalogs.errors.RELEASE_NAME`)."""
     min_voxels: PositiveInt = 1
     max_voxels: PositiveInt | None = None
-    val_percent: Percent = 5
+    val_percent: Annotated[float, Range(ge=0, le=100)] = 5.0
+    test_percent: Annotated[float, Range(ge=0, le=100)] = 1.0
+    """Share of assets in the `test` split, fixed by a hash of the source_id (`catalogs.splits`): the same asset
+    is test in every release with this value, and no training run reads it. Only test assets get `render_eval`."""
+    held_out_env_maps: tuple[str, ...] = ()
+    """Env map file names (of the `relight` recipe's maps) Stage 2 never trains on: evaluation lights test
+    assets with them (`render_eval`, and the `relight` frames they light). Empty: `num_held_out_env_maps` of
+    them, a fixed choice by the hash of their names."""
+    num_held_out_env_maps: NonNegativeInt = 4
     filters: tuple[FilterConfig, ...] = ()
     """Applied in order after the voxel bounds; the release record counts what each removed."""
 
@@ -110,8 +119,17 @@ class ReleaseConfig(FrozenConfig):
         super().__post_init__()
         if self.name is not None:
             check_field("name", check_release_name, self.name)
+        try:
+            self.split
+        except ValueError as err:
+            raise ConfigFieldError("test_percent", str(err)) from None
         if self.max_voxels is not None and self.min_voxels > self.max_voxels:
             raise ConfigFieldError("min_voxels", f"{self.min_voxels} is above max_voxels {self.max_voxels}")
+
+
+    @property
+    def split(self) -> SplitRule:
+        return SplitRule(test_percent=self.test_percent, val_percent=self.val_percent)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -130,7 +130,7 @@ def render_lh(worker: Any, request: CallRequest, inputs: Inputs) -> CallOutput:
 
 
 def render_arrays(worker: Any, request: CallRequest, inputs: Inputs) -> CallOutput:
-    """An `input` or `relight` set as arrays (`render_set_arrays`), checked against the env maps its key was
+    """An `input`, `relight` or `eval` set as arrays (`render_set_arrays`), checked against the env maps its key was
     derived from; its scratch folder is then deleted."""
     (step,) = request.keys
     result, render_set = worker.render(request)
@@ -156,7 +156,8 @@ def render_arrays(worker: Any, request: CallRequest, inputs: Inputs) -> CallOutp
 def render_set_arrays(render_set: RenderSet) -> dict[str, np.ndarray]:
     """A render set as arrays: per frame (view x lighting) the lighting-dependent passes, per view the others.
 
-    beauty (F, H, W, 4) float16; shadow (F, H, W) float16 if rendered; frame_view, frame_lighting (F,) int16;
+    beauty (F, H, W, 4) float16; shadow (F, H, W) float16 if rendered, with frame_shadow_light (F,) uint8, 1 where
+    a shadow-casting light lit the frame (`render_jobs.lighting`); frame_view, frame_lighting (F,) int16;
     frame_env_map (F, 32) uint8, the sha256 of the frame's environment map (zeros if not env-map lit);
     frame_yaw and frame_env_strength (F,) float32, its rotation about +Z and its world strength;
     c2w (V, 4, 4) float32 (Blender/OpenGL); fov (V,) float32; <pass> (V, H, W[, C]) float16 per view pass.
@@ -176,6 +177,8 @@ def render_set_arrays(render_set: RenderSet) -> dict[str, np.ndarray]:
     ])
     arrays["frame_yaw"] = np.array([light.get("yaw_rad", 0.0) for light in lightings], np.float32)
     arrays["frame_env_strength"] = np.array([light.get("strength", 1.0) for light in lightings], np.float32)
+    if "shadow" in per_frame:  # the shadow target is defined only where a shadow-casting light lit the frame
+        arrays["frame_shadow_light"] = np.array([bool(light["shadow_light"]) for light in lightings], np.uint8)
     firsts = [f for f in frames if f.record["lighting_index"] == 0]
     arrays["c2w"] = np.stack([f.c2w for f in firsts]).astype(np.float32)
     arrays["fov"] = np.array([f.fov_rad for f in firsts], np.float32)

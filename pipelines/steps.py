@@ -4,6 +4,7 @@
     asset source --> render_lh (+ normalize) -> voxelize -> features -> slat_lh, slat_bc
                  --> render_input (+ the env maps its frames draw) ---------> slat_shaded (with voxelize)
                  --> render_relight (+ the env maps its frames draw)
+                 --> render_eval (test assets only: the input cameras under each held-out map)
 
 A `Step` is its key spec (params taken from the very config objects its worker runs with: the recipe, the
 encoder's config with its resolved device and dtype, the Blender version), its inputs, the `Call` that makes it
@@ -29,7 +30,7 @@ from encoders.weights import WeightsInfo
 from pipelines import compute
 from pipelines.build_config import BuildConfig
 from pipelines.scheduler import CallNode, StepNode, Topology
-from render_jobs.recipes import RecipeConfig, drawn_env_maps
+from render_jobs.recipes import EVAL_RECIPE, RecipeConfig, drawn_env_maps, eval_recipe
 from render_jobs.render_set import PASS_CHANNELS
 
 WorkerKind = Literal["render", "encoder"]
@@ -100,7 +101,11 @@ class Worker:
 class StepTable:
     """The build's steps in dependency order, with their calls and workers."""
 
-    def __init__(self, steps: list[Step], workers: list[Worker]) -> None:
+    def __init__(self, steps: list[Step], workers: list[Worker],
+                 held_out_env_maps: Mapping[str, str] | None = None) -> None:
+        self.held_out_env_maps = dict(held_out_env_maps or {})
+        """File name -> sha256 of the env maps held out for evaluation (`render_eval` lights test assets with
+        them; the release records them so Stage 2 never trains on them)."""
         self.graph = StepGraph([s.spec for s in steps])
         by_name = {s.name: s for s in steps}
         self.steps = {name: by_name[name] for name in self.graph.names}
@@ -123,6 +128,11 @@ class StepTable:
         """Roles with one row per env map rather than per asset."""
         return {s.role for s in self.steps.values() if s.role and s.spec.over == ENV_MAP_KIND}
 
+    @property
+    def test_roles(self) -> set[str]:
+        """Roles only test assets have: those of steps that run for test assets alone (`render_eval`)."""
+        return {s.role for s in self.steps.values() if s.role and s.spec.only is not None}
+
     def step_recording(self, stat: str) -> str:
         """The step whose artifacts record `stat`."""
         for step in self.steps.values():
@@ -141,13 +151,13 @@ class StepTable:
 
     def with_steps(self, *extra: Step) -> "StepTable":
         """This table plus `extra` steps (a new step is one declaration and its compute function)."""
-        return StepTable([*self.steps.values(), *extra], list(self.workers.values()))
+        return StepTable([*self.steps.values(), *extra], list(self.workers.values()), self.held_out_env_maps)
 
 
 # -- role names the release readers use (the table fills each from one step) ---------------------------------
 
 VOXELS, FEATURES, SLAT_LH, SLAT_BC, SLAT_SHADED = "voxels", "features", "slat_lh", "slat_bc", "slat_shaded"
-INPUT, RELIGHT, ENV_MAPS = "input", "relight", "env_maps"
+INPUT, RELIGHT, EVAL, ENV_MAPS = "input", "relight", "eval", "env_maps"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +166,13 @@ class EnvMaps:
 
     files: Mapping[str, tuple[Path, str]]
     by_recipe: Mapping[str, tuple[str, ...]]
-    """Recipe name -> the names it can draw (sorted: frames pick by index into this list)."""
+    """Recipe name -> the names it can draw (sorted: frames pick by index into this list); for the `eval`
+    recipe the held-out maps, in the order its lightings use them."""
+
+    @property
+    def held_out(self) -> dict[str, str]:
+        """File name -> sha256 of the maps Stage 2 never trains on (what `render_eval` lights test assets with)."""
+        return {name: self.files[name][1] for name in self.by_recipe.get(EVAL_RECIPE, ())}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +212,7 @@ def render_arrays(recipe: RecipeConfig) -> tuple[ArraySpec, ...]:
 
     return (
         *(ArraySpec(p, "float16", (frames, size, size, *channels(p))) for p in per_frame),
+        *((ArraySpec("frame_shadow_light", "uint8", (frames,)),) if "shadow" in per_frame else ()),
         ArraySpec("frame_view", "int16", (frames,)),
         ArraySpec("frame_lighting", "int16", (frames,)),
         ArraySpec("frame_env_map", "uint8", (frames, 32)),
@@ -214,12 +231,15 @@ ASSET_STATS = ("vertices", "faces", "materials", "textures", "missing_textures",
 
 def build_table(config: BuildConfig, weights: Mapping[str, WeightsInfo], blender_version: str,
                 env_maps: EnvMaps) -> StepTable:
-    """The paper's steps for `config`, keyed by the models' digests, the Blender version and the env maps."""
+    """The paper's steps for `config`, keyed by the models' digests, the Blender version and the env maps.
+
+    Render versions: `render_lh` 4; `render_input` and `render_relight` 5 (the sun extracted from each map by
+    a threshold relative to its peak, so the shadow pass means one thing: `render_jobs.lighting`)."""
     runtime = EncoderRuntime.of(config)
     blender = {"blender": blender_version}
     render_modules = ("render_jobs.worker", "render_jobs.blender_scene", "pipelines.compute")
 
-    def render_spec(name: str, recipe: RecipeConfig) -> StepSpec:
+    def render_spec(name: str, version: str, recipe: RecipeConfig, **fields: Any) -> StepSpec:
         maps = list(env_maps.by_recipe.get(recipe.name, ()))
         files = env_maps.files
         draws = None
@@ -227,7 +247,8 @@ def build_table(config: BuildConfig, weights: Mapping[str, WeightsInfo], blender
             def draws(source_id: str) -> dict[str, str]:
                 return {f"{ENV_MAP_KIND}:{m}": files[m][1] for m in sorted(drawn_env_maps(recipe, source_id, maps))}
         params = {**recipe.to_dict(), "env_maps_dir": None, "env_maps": maps}  # the maps' bytes key each asset
-        return StepSpec(name, "4", (SOURCE,), params, env=blender, implementation=render_modules, draws=draws)
+        return StepSpec(name, version, (SOURCE,), params, env=blender, implementation=render_modules, draws=draws,
+                        **fields)
 
     lh, input_, relight = (config.recipes[name] for name in ("lh", "input", "relight"))
     render_lh_call = Call("render_lh", "render", compute.render_lh, lh, transient=True)
@@ -244,7 +265,7 @@ def build_table(config: BuildConfig, weights: Mapping[str, WeightsInfo], blender
             (ArraySpec("rgb", "float32", ("H", "W", 3)),),
             role=ENV_MAPS,
         ),
-        Step(render_spec("render_lh", lh), render_lh_call,
+        Step(render_spec("render_lh", "4", lh), render_lh_call,
              (ArraySpec("c2w", "float32", (lh.num_views, 4, 4)), ArraySpec("fov", "float32", (lh.num_views,))),
              stats=ASSET_STATS),
         Step(
@@ -278,7 +299,7 @@ def build_table(config: BuildConfig, weights: Mapping[str, WeightsInfo], blender
             )
             for r, role in (("lh", SLAT_LH), ("bc", SLAT_BC))
         ),
-        Step(render_spec("render_input", input_), Call("render_input", "render", compute.render_arrays, input_),
+        Step(render_spec("render_input", "5", input_), Call("render_input", "render", compute.render_arrays, input_),
              render_arrays(input_), role=INPUT),
         Step(
             StepSpec("slat_shaded", "2", ("render_input", "voxelize"),
@@ -290,12 +311,19 @@ def build_table(config: BuildConfig, weights: Mapping[str, WeightsInfo], blender
             (*voxels, ArraySpec("latent", "float32", ("N", config.shaded.views, latent_channels))),
             role=SLAT_SHADED,
         ),
-        Step(render_spec("render_relight", relight),
+        Step(render_spec("render_relight", "5", relight),
              Call("render_relight", "render", compute.render_arrays, relight), render_arrays(relight), role=RELIGHT),
     ]
+    held_out = env_maps.by_recipe.get(EVAL_RECIPE, ())
+    if held_out:
+        split = config.release.split
+        evaluation = eval_recipe(input_, relight, held_out)
+        steps.append(Step(render_spec("render_eval", "1", evaluation, only=split.is_test),
+                          Call("render_eval", "render", compute.render_arrays, evaluation),
+                          render_arrays(evaluation), role=EVAL))
     execution = config.execution
     workers = [
         Worker("render", 1, execution.render_gpus, {"render_slot": 1}),
         Worker("encoder", 1, execution.encoder_gpus, config=runtime),
     ]
-    return StepTable(steps, workers)
+    return StepTable(steps, workers, env_maps.held_out)

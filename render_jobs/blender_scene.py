@@ -1,6 +1,7 @@
 """Everything that touches `bpy`: load and sanitize an asset, normalize it, set up EEVEE, lights and cameras.
 
 This is the only module of the project that imports bpy; it runs in the render env's child process.
+What the shadow pass holds, and the sun each env map gets for it: `render_jobs.lighting` (module docstring).
 """
 
 import logging
@@ -17,7 +18,7 @@ from mathutils import Matrix
 from infra.errors import AssetRejected, Reason
 from render_jobs.cameras import look_at_c2w
 from render_jobs.formats import AssetFormat
-from render_jobs.lighting import LightingSpec
+from render_jobs.lighting import LightingSpec, sun_threshold
 from render_jobs.recipes import RecipeConfig
 from render_jobs.views import ViewSpec
 
@@ -29,6 +30,8 @@ _PRINCIPLED_INPUTS = {"basecolor": "Base Color", "roughness": "Roughness", "meta
 _AOV_SOCKET = {"COLOR": "Color", "VALUE": "Value"}
 _HIDDEN_TYPES = {"CURVE", "SURFACE", "META", "FONT", "POINTCLOUD", "VOLUME", "GREASEPENCIL", "GPENCIL", "CURVES"}
 _DROPPED_TYPES = {"CAMERA", "LIGHT", "LIGHT_PROBE", "LIGHTPROBE", "SPEAKER"}
+NO_SUN_THRESHOLD = 0.0
+"""`world.sun_threshold` that extracts no sun: EEVEE creates its world sun only for a threshold above 0."""
 
 
 def disable_auto_run_scripts() -> None:
@@ -601,6 +604,9 @@ class RenderRig:
         self.env_world, self.env_node, self.env_mapping = self._env_world()
         self.lights: list[Any] = []
         self.lighting: LightingSpec | None = None
+        self.sun_threshold: float | None = None
+        """The current frame's `world.sun_threshold` (env maps with a dominant light), else None."""
+        self._sun_thresholds: dict[tuple[str, float], float | None] = {}
 
     def _uniform_world(self) -> Any:
         world = bpy.data.worlds.new("near_homogenized")
@@ -621,7 +627,15 @@ class RenderRig:
         links.new(coords.outputs["Generated"], mapping.inputs["Vector"])
         links.new(mapping.outputs["Vector"], env.inputs["Vector"])
         links.new(env.outputs["Color"], nodes["Background"].inputs["Color"])
+        world.use_sun_shadow = True  # the extracted sun is an env map's only shadow-casting light
         return world, env, mapping
+
+    def _env_sun_threshold(self, name: str, image: Any, strength: float) -> float | None:
+        """`lighting.sun_threshold` of the loaded map `image` at `strength`, once per (map, strength)."""
+        key = (name, strength)
+        if key not in self._sun_thresholds:
+            self._sun_thresholds[key] = sun_threshold(_image_rgb(image), strength=strength)
+        return self._sun_thresholds[key]
 
     def set_view(self, view: ViewSpec) -> None:
         self.camera.data.angle = view.fov_rad
@@ -634,6 +648,7 @@ class RenderRig:
         for light in self.lights:
             bpy.data.objects.remove(light, do_unlink=True)
         self.lights = []
+        self.sun_threshold = None
         # Shadow maps serve lamps and the sun EEVEE extracts from a world; the uniform world has neither, and
         # updating the shadow atlas every sample is most of a frame's cost on some GL drivers.
         self.scene.eevee.use_shadows = lighting.kind != "homogenized"
@@ -642,7 +657,11 @@ class RenderRig:
             self.homogenized_world.node_tree.nodes["Background"].inputs["Strength"].default_value = lighting.strength
         elif lighting.kind == "env_map":
             self.scene.world = self.env_world
-            self.env_node.image = bpy.data.images.load(str(self.env_map_paths[lighting.env_map]), check_existing=True)
+            image = bpy.data.images.load(str(self.env_map_paths[lighting.env_map]), check_existing=True)
+            self.env_node.image = image
+            threshold = self._env_sun_threshold(lighting.env_map, image, lighting.strength)
+            self.env_world.sun_threshold = NO_SUN_THRESHOLD if threshold is None else threshold
+            self.sun_threshold = threshold
             # Rotating the lookup direction by -yaw turns the environment by +yaw (module docstring of lighting).
             self.env_mapping.inputs["Rotation"].default_value = (0.0, 0.0, -lighting.yaw_rad)
             self.env_world.node_tree.nodes["Background"].inputs["Strength"].default_value = lighting.strength
@@ -660,6 +679,16 @@ class RenderRig:
     def render(self, path: Path) -> None:
         self.scene.render.filepath = str(path)
         bpy.ops.render.render(write_still=True)
+
+
+def _image_rgb(image: Any) -> np.ndarray:
+    """(H, W, 3) float32 scene-linear pixels of a loaded image, row 0 at the top (Blender's is the bottom)."""
+    width, height = image.size
+    channels = image.channels
+    pixels = np.empty(width * height * channels, dtype=np.float32)
+    image.pixels.foreach_get(pixels)
+    pixels = pixels.reshape(height, width, channels)[::-1]
+    return pixels[..., :3] if channels >= 3 else np.repeat(pixels[..., :1], 3, axis=2)
 
 
 def bundled_env_maps() -> dict[str, Path]:

@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from infra.errors import AssetRejected, NotFound, Reason
-from render_jobs import contact_sheet, render_set
+from render_jobs import contact_sheet, lighting, render_set
 from render_jobs.cameras import focal_px
 from render_jobs.exr import read_channels, write_channels
 from render_jobs.formats import detect_format
@@ -36,7 +36,7 @@ from render_jobs.protocol import (
     encode,
     is_software_gl,
 )
-from render_jobs.recipes import RecipeConfig, env_map_files, plan_frames
+from render_jobs.recipes import RecipeConfig, env_map_files, plan_frames, recipe_env_maps
 
 logger = logging.getLogger(__name__)
 
@@ -48,15 +48,25 @@ STORE_QUEUE = 2
 
 
 def _env_maps(recipe: RecipeConfig, scene: Any) -> dict[str, Path]:
+    """The maps the recipe draws, by file name, in the order `plan_frames` takes them (`recipe_env_maps`).
+
+    Raises:
+        NotFound: the folder holds no map, or lacks one of `recipe.env_map_names` (named in the message).
+    """
     if not recipe.needs_env_maps:
         return {}
     if recipe.env_maps_dir is None:
-        return scene.bundled_env_maps()
-    folder = Path(recipe.env_maps_dir)
-    maps = env_map_files(folder)
+        maps, where = scene.bundled_env_maps(), "the maps bpy ships"
+    else:
+        folder = Path(recipe.env_maps_dir)
+        maps, where = env_map_files(folder), str(folder)
     if not maps:
-        raise NotFound(f"no .exr or .hdr environment maps in {folder}")
-    return maps
+        raise NotFound(f"no .exr or .hdr environment maps in {where}")
+    try:
+        names = recipe_env_maps(recipe, maps)
+    except NotFound as err:
+        raise NotFound(f"{err} (in {where})") from err
+    return {name: maps[name] for name in names}
 
 
 def prepare_scene(scene: Any, asset: Path, recipe: RecipeConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -105,7 +115,7 @@ def render_asset(request: RenderRequest, scratch: Path, scene: Any, info: Worker
         vertices, faces = scene.mesh_arrays()
         render_set.write_ply(partial / render_set.MESH_FILE, vertices, faces)
         env_maps = _env_maps(recipe, scene)
-        frames = plan_frames(recipe, request.source_id, sorted(env_maps))
+        frames = plan_frames(recipe, request.source_id, list(env_maps))
         rig = scene.RenderRig(recipe, env_maps)
         timings["setup_s"] = time.perf_counter() - t
 
@@ -182,7 +192,9 @@ def _render_frames(rig: Any, frames: list, recipe: RecipeConfig, out: Path, scra
             if len(stored) > STORE_QUEUE:
                 stored[-STORE_QUEUE - 1].result()  # bounds memory; re-raises a failed store at once
             current_view = frame.view_index
-            records.append(_frame_record(frame, recipe, has_gbuffer=has_gbuffer))
+            records.append(
+                _frame_record(frame, recipe, has_gbuffer=has_gbuffer, sun_threshold=rig.sun_threshold)
+            )
         results = [future.result() for future in stored]
     tiles = {p: [t for frame_tiles, _ in results for name, t in frame_tiles if name == p] for p in recipe.passes}
     coverage = max(frame_coverage for _, frame_coverage in results)
@@ -209,7 +221,10 @@ def _store_frame(
     return tiles, float(np.mean(alpha, dtype=np.float32))
 
 
-def _frame_record(frame: Any, recipe: RecipeConfig, *, has_gbuffer: bool) -> dict[str, Any]:
+def _frame_record(
+    frame: Any, recipe: RecipeConfig, *, has_gbuffer: bool, sun_threshold: float | None
+) -> dict[str, Any]:
+    """One frame of transforms.json; its `lighting` is the frame's LightingSpec and `lighting.shadow_fields`."""
     view = frame.view
     f = focal_px(view.fov_rad, recipe.resolution_px)
     record = {
@@ -221,7 +236,7 @@ def _frame_record(frame: Any, recipe: RecipeConfig, *, has_gbuffer: bool) -> dic
         "fl_x": f, "fl_y": f, "cx": recipe.resolution_px / 2, "cy": recipe.resolution_px / 2,
         "w": recipe.resolution_px, "h": recipe.resolution_px,
         "view": {"yaw_rad": view.yaw_rad, "pitch_rad": view.pitch_rad, "radius_m": view.radius_m, "fov_rad": view.fov_rad},
-        "lighting": frame.lighting.to_dict(),
+        "lighting": {**frame.lighting.to_dict(), **lighting.shadow_fields(frame.lighting, sun_threshold)},
     }
     if has_gbuffer:
         record["gbuffer_path"] = render_set.gbuffer_path(frame.view_index)

@@ -1,5 +1,5 @@
 """Per-channel latent normalisation from a release's training split, shared by both stages (and pinned in
-their checkpoints)."""
+their checkpoints), and the rule both stages' readers follow: the test split is never read for training."""
 
 import dataclasses
 
@@ -8,6 +8,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from catalogs.release_reader import Release
+from catalogs.splits import TEST
+from infra.errors import ConfigError
 from pipelines.steps import SLAT_LH
 
 
@@ -31,3 +33,10 @@ def latent_statistics(release: Release, assets: list[str], role: str = SLAT_LH) 
     return LatentNormalization(
         tuple(latents.mean(0).tolist()), tuple(np.maximum(latents.std(0), 1e-6).tolist())
     )
+
+
+def refuse_test_split(split: str) -> None:
+    """Training and validation never read the `test` split: it is fixed by source_id before any training
+    (`catalogs.splits`) and only `near eval` reads it."""
+    if split == TEST:
+        raise ConfigError(f"training never reads the {TEST!r} split (it is for `near eval`); validate on 'val' or 'train'")

@@ -8,10 +8,10 @@ import pyarrow.compute as pc
 import pytest
 
 from catalogs.commit import StepResult, commit_batch, write_batch
-from infra.errors import Reason
 from catalogs.keys import StepGraph, StepSpec
 from catalogs.planner import Plan
 from catalogs.tables import FactoryCatalog
+from infra.errors import Reason
 
 
 def paper_graph(**overrides: dict) -> StepGraph:

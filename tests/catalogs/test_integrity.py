@@ -2,6 +2,7 @@
 release, a moved root, damaged release files. Real SQLite catalogs, Iceberg tables and Zarr packs on disk; the
 CLI runs as a user runs it."""
 
+import collections
 import hashlib
 import json
 import os
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -26,8 +28,9 @@ from catalogs.keys import sha256_file
 from catalogs.packs import PackReader
 from catalogs.planner import plan
 from catalogs.release_reader import Release, release_dir
-from catalogs.releases import ReleaseSpec, create_release
-from catalogs.tables import FactoryCatalog
+from catalogs.releases import TAG_PREFIX, ReleaseSpec, create_release, record_digest
+from catalogs.splits import SplitRule
+from catalogs.tables import SCHEMAS, FactoryCatalog
 from catalogs.verify import verify_catalog, verify_published_releases, verify_release, verify_release_record
 
 from .conftest import execute, fake_output, paper_graph, synthetic_sources
@@ -236,7 +239,8 @@ def test_a_rewritten_release_does_not_verify(root):
 
 
 @pytest.mark.parametrize("field, value", [("num_samples", 99), ("splits", {"train": 1, "val": 5}), ("selection", "all"),
-                                          ("roles", {"slat_lh": {"step": "slat_lh", "spec_hash": "0" * 64}})])
+                                          ("roles", {"slat_lh": {"step": "slat_lh", "spec_hash": "0" * 64}}),
+                                          ("split_rule", SplitRule(test_percent=50).to_dict()), ("test_roles", ["images"])])
 def test_every_field_of_release_json_is_covered(root, field, value):
     _rewrite_record(release_dir(root.data_root, "r1"), **{field: value})
     problems = list(verify_published_releases(root))
@@ -367,3 +371,48 @@ def test_packs_without_checksums_are_read_against_their_digest(tmp_path):
         chunk.unlink()  # real data lost: zeros now, which the digest refuses
     with pytest.raises(DamagedPackError, match="content digest"):
         PackReader(tmp_path, packed.pack_path).read(packed.arrays, digest=packed.content_digest)
+
+
+def _publish_as_before_split_rules(catalog: FactoryCatalog, name: str, val_percent: int) -> None:
+    """Turn a release into one published before split rules: train / val by a hash of the asset id, the record's
+    `val_percent` instead of `split_rule`, and the catalog's tagged snapshot and digest to match."""
+    folder = release_dir(catalog.data_root, name)
+    manifest = pq.read_table(folder / "manifest.parquet")
+    sample_ids = manifest["sample_id"].to_pylist()
+    splits = ["val" if int(hashlib.sha256(s.encode()).hexdigest()[:8], 16) % 100 < val_percent else "train"
+              for s in sample_ids]
+    manifest = manifest.set_column(manifest.schema.get_field_index("split"), "split", pa.array(splits, pa.string()))
+    manifest = manifest.cast(SCHEMAS["samples"])
+    pq.write_table(manifest, folder / "manifest.parquet")
+    record = json.loads((folder / "release.json").read_text())
+    del record["split_rule"], record["test_roles"]
+    record.update(val_percent=val_percent, manifest_sha256=sha256_file(folder / "manifest.parquet"),
+                  splits=dict(collections.Counter(dict(zip(sample_ids, splits)).values())))
+    table = catalog.table("samples")
+    table.overwrite(manifest, snapshot_properties={"release": name, "release_digest": record_digest(record)})
+    table = catalog.table("samples")
+    table.manage_snapshots().remove_tag(TAG_PREFIX + name).commit()
+    table.manage_snapshots().create_tag(table.current_snapshot().snapshot_id, TAG_PREFIX + name).commit()
+    record.update(snapshot_id=table.current_snapshot().snapshot_id, metadata_location=table.metadata_location)
+    (folder / "release.json").write_text(json.dumps(record, indent=1))
+
+
+def test_a_release_published_before_split_rules_still_opens_verifies_and_diffs(root):
+    _publish_as_before_split_rules(root, "r1", val_percent=50)
+    create_release(root, paper_graph(), ReleaseSpec("r2", ROLES, split=SplitRule(test_percent=20)))
+    old, new = Release.open(root.data_root, "r1"), Release.open(root.data_root, "r2")
+    assert old.split_rule is None and old.test_roles == frozenset() and old.split("test") == []
+    assert set(old.split("train")) | set(old.split("val")) == set(old.sample_ids) and old.split("val")
+    assert new.split_rule == SplitRule(test_percent=20).to_dict() and new.split("test")
+    assert list(verify_published_releases(root)) == []
+    data = str(root.data_root)
+    for args in (("verify",), ("verify", "r1"), ("verify", "r2"), ("show", "r1"), ("show", "r2"), ("diff", "r1", "r2"),
+                 ("show",), ("log",)):
+        result = _near("catalog", "--root", data, *args)
+        assert result.returncode == 0, (args, result.stdout, result.stderr)
+    assert "split_rule" in _near("catalog", "--root", data, "show", "r2").stdout
+
+    folder = release_dir(root.data_root, "r1")
+    _rewrite_record(folder, val_percent=0)  # an old release's recorded split is still checked
+    problems = [p.what for p in verify_published_releases(root)]
+    assert any("not in the split val_percent=0 puts them in" in p for p in problems), problems

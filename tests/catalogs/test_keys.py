@@ -1,16 +1,19 @@
 """Keys: canonical, stable across processes and hash seeds, and invalidating exactly what is downstream."""
 
+import dataclasses
 import hashlib
 import json
 import os
 import subprocess
 import sys
 
+import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from catalogs.keys import SOURCE, StepGraph, StepSpec, artifact_key, canonical_json
+from catalogs.planner import target_keys
 
 from .conftest import paper_graph
 
@@ -87,3 +90,21 @@ def test_graph_errors_are_clear():
         StepGraph([StepSpec("a", "1"), StepSpec("a", "2")])
     with pytest.raises(TypeError):
         StepSpec("a", "1", params={"x": object()})
+
+
+def test_only_skips_a_step_and_every_step_reading_it_for_the_sources_it_rejects():
+    chosen = "ab" * 32
+    specs = [StepSpec("normalize", "1"), StepSpec("render_eval", "1", ("normalize",), only=lambda s: s == chosen),
+             StepSpec("score", "1", ("render_eval", "normalize")), StepSpec("voxelize", "1", ("normalize",))]
+    graph = StepGraph(specs)
+    assert set(graph.asset_keys(chosen)) == {"normalize", "render_eval", "score", "voxelize"}
+    assert set(graph.asset_keys("f" * 64)) == {"normalize", "voxelize"}
+    everywhere = StepGraph([dataclasses.replace(s, only=None) for s in specs])
+    assert everywhere.spec_hashes == graph.spec_hashes, "which sources a step runs for is not in its spec hash"
+    assert everywhere.asset_keys(chosen) == graph.asset_keys(chosen), "nor in the keys it has"
+    sources = pa.table({"asset_id": ["a", "b"], "source_id": [chosen, "f" * 64]})
+    targets = target_keys(graph, sources)
+    assert sorted(zip(targets["asset_id"].to_pylist(), targets["step"].to_pylist())) == [
+        ("a", "normalize"), ("a", "render_eval"), ("a", "score"), ("a", "voxelize"), ("b", "normalize"), ("b", "voxelize")]
+    with pytest.raises(TypeError, match="only must be a function"):
+        StepSpec("render_eval", "1", only=True)

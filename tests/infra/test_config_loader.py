@@ -66,6 +66,12 @@ def test_build_counts_sizes_and_timeouts_must_be_positive(tmp_path: Path, sectio
 @pytest.mark.parametrize("percent", [101, -5])
 def test_build_percentages_lie_in_0_to_100(tmp_path: Path, percent: int) -> None:
     _assert_refused(_build(tmp_path, release={"val_percent": percent}), "release.val_percent", percent)
+    _assert_refused(_build(tmp_path, release={"test_percent": percent}), "release.test_percent", percent)
+
+
+def test_build_test_and_val_shares_fit_in_the_split_rule(tmp_path: Path) -> None:
+    _assert_refused(_build(tmp_path, release={"val_percent": 60, "test_percent": 50}), "release.test_percent", 50)
+    _assert_refused(_build(tmp_path, release={"test_percent": 0.915}), "release.test_percent", 0.915)
 
 
 def test_build_min_voxels_may_not_exceed_max_voxels(tmp_path: Path) -> None:
@@ -80,7 +86,7 @@ def test_build_min_voxels_may_not_exceed_max_voxels(tmp_path: Path) -> None:
         ({"source": {"kind": "objaverse-xl", "licenses": "CC-BY"}}, "source.licenses", "CC-BY"),
         ({"execution": {"max_in_flight": "8"}}, "execution.max_in_flight", "8"),
         ({"execution": {"allow_software_gl": "yes"}}, "execution.allow_software_gl", "yes"),
-        ({"release": {"val_percent": 5.5}}, "release.val_percent", 5.5),
+        ({"release": {"val_percent": [5]}}, "release.val_percent", [5]),
         ({"recipes": {"lh": {"samples": "16"}}}, "recipes.lh.samples", "16"),
         ({"recipes": {"lh": {"passes": "beauty"}}}, "recipes.lh.passes", "beauty"),
         ({"models": {"dinov2": 3}}, "models.dinov2", 3),

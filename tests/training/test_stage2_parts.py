@@ -1,6 +1,7 @@
 """Stage 2 building blocks: the rasterizer (torch reference, and gsplat against it on a GPU), the Gaussian
 heads, the lighting tokenizer at paper size, LPIPS and the losses."""
 
+import dataclasses
 import math
 
 import pytest
@@ -171,6 +172,7 @@ def test_losses_have_the_paper_weights_and_vanish_on_a_perfect_render() -> None:
         roughness=torch.rand(2, 32, 32, 1, generator=generator),
         metallic=torch.rand(2, 32, 32, 1, generator=generator),
         shadow=torch.rand(2, 32, 32, 1, generator=generator),
+        shadow_valid=torch.ones(2),
     )
     perfect = Stage2Render(
         radiance=target.radiance, base_color=target.base_color, roughness=target.roughness,
@@ -190,3 +192,9 @@ def test_losses_have_the_paper_weights_and_vanish_on_a_perfect_render() -> None:
     assert losses["log_l1"] > 0 and losses["shadow"] == pytest.approx(
         0.5 * (target.shadow * alpha).mean().item()
     )
+    # a frame without a shadow-casting light has no shadow target: its error does not count
+    unlit = dataclasses.replace(target, shadow_valid=torch.tensor([1.0, 0.0]))
+    losses = stage2_losses(worse, unlit, agx=AgX.from_simple_ocio(), lpips=None, weights=weights)
+    assert losses["shadow"] == pytest.approx(0.5 * (target.shadow * alpha)[0].mean().item())
+    none_lit = dataclasses.replace(target, shadow_valid=torch.zeros(2))
+    assert stage2_losses(worse, none_lit, agx=AgX.from_simple_ocio(), lpips=None, weights=weights)["shadow"] == 0

@@ -15,7 +15,7 @@ from catalogs.release_reader import Release
 from encoders.shaded_slat import input_view_frames
 from encoders.sparse import SparseTensor
 from pipelines.steps import INPUT, SLAT_LH, SLAT_SHADED
-from training.latents import LatentNormalization, latent_statistics
+from training.latents import LatentNormalization, latent_statistics, refuse_test_split
 
 ROLES = (SLAT_LH, SLAT_SHADED, INPUT)
 """The release roles Stage 1 reads."""
@@ -42,6 +42,7 @@ class Stage1Data:
         self, release: Release, split: str, normalization: LatentNormalization | None = None
     ) -> None:
         self.release = release
+        refuse_test_split(split)
         assets = release.split(split)
         if not assets:
             raise ValueError(f"release {release.info['name']!r} has no {split!r} samples")

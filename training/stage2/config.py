@@ -24,8 +24,9 @@ class Stage2Config(TrainingConfig):
     Only for a release made before the build packed them: folders of the .exr maps it was rendered with, found
     by content (sha256). Ignored, with a warning, when the release packs its maps."""
     held_out_env_maps: tuple[str, ...] = ()
-    """Map file names (as the release's `env_map:<file name>` rows name them) never trained on; validation
-    reports PSNR under them separately."""
+    """Map file names (as the release's `env_map:<file name>` rows name them) never trained on, besides those the
+    release holds out for evaluation (release.json `held_out_env_maps`, always excluded); validation reports
+    PSNR under them separately."""
     lpips_vgg: LocalPath | None = None
     """torchvision's vgg16-397923af.pth; without it the LPIPS term is off (weight 0), and training says so."""
     losses: LossWeights = dataclasses.field(default_factory=LossWeights)

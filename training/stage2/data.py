@@ -16,7 +16,7 @@ from catalogs.release_reader import Release
 from encoders.sparse import SparseTensor
 from pipelines.steps import RELIGHT, SLAT_BC, SLAT_LH
 from render_jobs.cameras import opencv_intrinsics, opencv_w2c
-from training.latents import LatentNormalization, latent_statistics
+from training.latents import LatentNormalization, latent_statistics, refuse_test_split
 from training.stage2.env_map_store import EnvMapStore
 from training.stage2.envmap import encode_env_map
 from training.stage2.losses import Stage2Target
@@ -33,6 +33,9 @@ class Frame:
     env_map: str  # sha256
     yaw_rad: float
     strength: float
+    shadow_light: bool
+    """Whether a shadow-casting light lit the frame; releases from before render version 5 do not say, and their
+    frames count as lit (their shadow pass is 0 over frames without a sun)."""
 
 
 class Stage2Data:
@@ -44,6 +47,7 @@ class Stage2Data:
         without_env_maps: set[str] = frozenset(),
     ) -> None:  # fmt: skip
         self.release, self.env_maps, self.with_bc_slat = release, env_maps, with_bc_slat
+        refuse_test_split(split)
         assets = release.split(split)
         if not assets:
             raise ValueError(f"release {release.info['name']!r} has no {split!r} samples")
@@ -63,10 +67,12 @@ class Stage2Data:
 
     def _frames(self, asset: str) -> list[Frame]:
         names = ("frame_view", "frame_env_map", "frame_yaw", "frame_env_strength")
-        arrays = self.release.read(asset, RELIGHT, names=names)
+        recorded = "frame_shadow_light" in self.release.array_names(asset, RELIGHT)
+        arrays = self.release.read(asset, RELIGHT, names=names + (("frame_shadow_light",) if recorded else ()))
+        lit = arrays["frame_shadow_light"] if recorded else np.ones(len(arrays["frame_view"]), np.uint8)
         return [
-            Frame(asset, i, int(view), digest.tobytes().hex(), float(yaw), float(strength))
-            for i, (view, digest, yaw, strength) in enumerate(zip(*(arrays[n] for n in names)))
+            Frame(asset, i, int(view), digest.tobytes().hex(), float(yaw), float(strength), bool(light))
+            for i, (view, digest, yaw, strength, light) in enumerate(zip(*(arrays[n] for n in names), lit))
             if digest.tobytes().hex() != NO_ENV_MAP
         ]
 
@@ -109,6 +115,7 @@ class Stage2Data:
             roughness=stack["roughness"],
             metallic=stack["metallic"],
             shadow=stack["shadow"],
+            shadow_valid=stack["shadow_valid"],
         )
         return inputs, target
 
@@ -127,12 +134,14 @@ class Stage2Data:
             for name in ("basecolor", "roughness", "metallic")
         }
         shadow = read(frame.asset, RELIGHT, "shadow", frame.frame).astype(np.float32)
+        shadow_valid = frame.shadow_light
         return {
             "beauty": torch.from_numpy(np.nan_to_num(beauty)),
             "basecolor": per_view["basecolor"],
             "roughness": per_view["roughness"][..., None],
             "metallic": per_view["metallic"][..., None],
             "shadow": torch.from_numpy(shadow)[..., None],
+            "shadow_valid": torch.tensor(float(shadow_valid)),
             "w2c": torch.from_numpy(opencv_w2c(c2w)).float(),
             "K": torch.from_numpy(opencv_intrinsics(fov, beauty.shape[1])).float(),
             "env_ldr": env.ldr,

@@ -6,7 +6,8 @@
 Images are premultiplied on black. The tone-mapped pair is composited on one random background per sample,
 black or white (as TRELLIS's Gaussian decoder), so the silhouette is supervised too. The factory's PBR passes
 (shader AOVs) come premultiplied by coverage, as the rendered buffers are; its shadow pass is 1 on the
-background, so the shadow target is multiplied by alpha. SSIM and LPIPS weights follow TRELLIS.
+background, so the shadow target is multiplied by alpha; it is defined only for frames a shadow-casting light lit
+(`render_jobs.lighting`), and the shadow term averages over those. SSIM and LPIPS weights follow TRELLIS.
 """
 
 import dataclasses
@@ -46,6 +47,9 @@ class Stage2Target:
     roughness: Float[Tensor, "S H W 1"]
     metallic: Float[Tensor, "S H W 1"]
     shadow: Float[Tensor, "S H W 1"]
+    shadow_valid: Float[Tensor, " S"]
+    """1 where a shadow-casting light lit the frame (`frame_shadow_light`): the shadow target is defined only
+    there, so the shadow loss is masked by it."""
 
     def to(self, device: torch.device) -> "Stage2Target":
         return dataclasses.replace(
@@ -62,6 +66,12 @@ def tone_mapped(
     tone-mapped foreground on the background.
     """
     return (agx(radiance) + (1 - alpha) * background).clamp(0, 1).permute(0, 3, 1, 2)
+
+
+def masked_mean(values: Float[Tensor, "S ..."], valid: Float[Tensor, " S"]) -> Float[Tensor, ""]:
+    """Mean over the samples where `valid` is 1 (0 when none is: the term then trains nothing)."""
+    per_sample = values.flatten(1).mean(1)
+    return (per_sample * valid).sum() / valid.sum().clamp_min(1)
 
 
 def stage2_losses(
@@ -86,7 +96,7 @@ def stage2_losses(
             ],
             dim=-1,
         ).mean(),
-        "shadow": (render.shadow - target.shadow * target.alpha).abs().mean(),
+        "shadow": masked_mean((render.shadow - target.shadow * target.alpha).abs(), target.shadow_valid),
         "volume": render.scales.prod(dim=-1).mean(),
         "opacity": ((render.opacities - 1) ** 2).mean(),
     }

@@ -65,6 +65,7 @@ class Stage2Trainer:
             self.release, config.model.tokenizer.map_size, folders=config.env_maps
         )
         held_out = {self.env_maps.digest_of(name) for name in config.held_out_env_maps}
+        held_out |= set(self.release.info.get("held_out_env_maps", {}).values())  # the release's, for eval
         self.train_data = Stage2Data(
             self.release, "train", self.env_maps, with_bc_slat=config.model.decoder.with_bc_slat, without_env_maps=held_out
         )
