@@ -9,3 +9,5 @@ def setup_logging(verbosity: int = 0) -> None:
     """WARNING by default, INFO with -v, DEBUG with -vv; rendered through rich on stderr."""
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbosity, 2)]
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(show_path=False)], force=True)
+    # torch warns once per process that is_fx_tracing changed meaning, when peft asks it: nothing for a user
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)

@@ -12,7 +12,7 @@ import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol, Self
+from typing import Annotated, Any, Literal, Protocol, Self, runtime_checkable
 
 import torch
 
@@ -214,26 +214,70 @@ def step_batches(trainer: Trainer) -> StepBatches:
     return StepBatches(trainer.train_data, trainer.config, rank=trainer.rank, world_size=trainer.world_size)
 
 
+@dataclasses.dataclass(frozen=True)
+class StepProgress:
+    """Where a run stands after one step: what rank 0 tells whoever shows the run (`near train`'s progress bar).
+    Plain values only, so it travels between processes as `dataclasses.asdict(progress)`."""
+
+    stage: str
+    step: int
+    steps: int
+    samples_per_step: int
+    """The global batch: samples per step over all workers."""
+    metrics: dict[str, float]
+    """The step's training metrics (`loss`, ...)."""
+    validation: dict[str, float] = dataclasses.field(default_factory=dict)
+    """`trainer.validate()`'s metrics, without the `val_` prefix, on validation steps; else empty."""
+    checkpoint: str | None = None
+    """The checkpoint folder written at this step, else None."""
+
+
+@runtime_checkable
+class ProgressReport(Protocol):
+    """A `report` (metrics of the logged steps) that also hears rank 0's `StepProgress` after every step."""
+
+    def __call__(self, metrics: dict[str, Any]) -> None: ...
+    def step_done(self, progress: StepProgress) -> None: ...
+
+
+def _format_metrics(metrics: dict[str, Any], *, skip: str) -> str:
+    """`loss=0.5701 val_psnr=10.02`: short, where a dict's repr is long and noisy."""
+    shown = {k: v for k, v in metrics.items() if k != skip}
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
+
+
 def train_loop(
     trainer: Trainer, stage: str, train_step: Callable[[Any], dict[str, float]],
     report: Callable[[dict[str, Any]], None],
 ) -> dict[str, Any]:  # fmt: skip
     """Train up to `config.steps` from the trainer's step on prefetched batches: `train_step(batch)` gives the
-    step's metrics; validate, checkpoint, log (`metrics.jsonl`, the log, `report`) on the configured steps."""
+    step's metrics; validate, checkpoint, log (`metrics.jsonl`, the log, `report`) on the configured steps.
+    A `report` that is a `ProgressReport` also gets rank 0's `StepProgress` after every step."""
     config, metrics = trainer.config, {}
+    step_done = report.step_done if isinstance(report, ProgressReport) and trainer.rank == 0 else None
     for batch in step_batches(trainer).loader(trainer.step, config.data_workers):
         step_metrics = train_step(batch)  # advances trainer.step
         metrics = {"step": trainer.step, **step_metrics}
         logged = trainer.step % config.log_every == 0
+        validation, checkpoint = {}, None
         if trainer.step % config.val_every == 0 or trainer.step == config.steps:
-            metrics.update({f"val_{k}": v for k, v in trainer.validate().items()})
+            validation = trainer.validate()
+            metrics.update({f"val_{k}": v for k, v in validation.items()})
             logged = True
         if trainer.step % config.checkpoint_every == 0 or trainer.step == config.steps:
-            trainer.save_checkpoint()
+            checkpoint = trainer.save_checkpoint()
         if logged:
-            logger.info("%s step %d/%d %s", stage, trainer.step, config.steps, metrics)
+            shown = _format_metrics(metrics, skip="step")
+            logger.info("%s step %d/%d %s", stage, trainer.step, config.steps, shown)
             trainer.run_folder.append_metrics(metrics)
             report(metrics)
+        if step_done is not None:
+            progress = StepProgress(
+                stage=stage, step=trainer.step, steps=config.steps, samples_per_step=config.batch_size,
+                metrics=dict(step_metrics), validation=dict(validation),
+                checkpoint=None if checkpoint is None else str(checkpoint),
+            )  # fmt: skip
+            step_done(progress)
     if trainer.writer is not None:
         trainer.writer.flush()
     return metrics

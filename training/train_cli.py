@@ -1,10 +1,18 @@
-"""`near train stage1|stage2 --release NAME [--config FILE]`."""
+"""`near train stage1|stage2 --release NAME [--config FILE]`: the run folder and the TensorBoard command
+first, then a progress bar (step, loss, samples/s, ETA) with one line per validation, and a closing table of
+the final metrics with the checkpoint's path (on stdout; everything else goes to stderr)."""
 
+import datetime
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+
+if TYPE_CHECKING:
+    from training.progress import TrainingProgress
+    from training.run import StepProgress
 
 
 @click.group()
@@ -32,7 +40,7 @@ def _stage_options(command: Callable[..., None]) -> Callable[..., None]:
 
 def _train(stage: str, release: str, config_file: Path | None, data_root: Path | None, out: Path | None,
            steps: int | None, gpus: int | None) -> None:  # fmt: skip
-    from training.ray_train import config_class, train
+    from training.ray_train import config_class
 
     overrides: dict[str, Any] = {
         "release": release,
@@ -47,9 +55,43 @@ def _train(stage: str, release: str, config_file: Path | None, data_root: Path |
         config = cls.from_yaml(config_file, **overrides)
     else:
         config = cls.from_dict({k: v for k, v in overrides.items() if v is not None})
-    metrics = train(stage, config)
-    click.echo(f"{stage} finished: {metrics}")
-    click.echo(f"checkpoints: {Path(config.out_dir) / 'checkpoints'}")
+    _train_with_progress(stage, config)
+
+
+def _show(display: "TrainingProgress", progress: "StepProgress") -> None:
+    """Rank 0's step on the bar: the loss (or the step's first metric), a line per validation, and the step of
+    the last checkpoint in the status (`ckpt 500`)."""
+    metrics = progress.metrics
+    headline = {"loss": metrics["loss"]} if "loss" in metrics else dict(list(metrics.items())[:1])
+    status = f"ckpt {progress.step}" if progress.checkpoint else None
+    display.update(progress.step, headline, status=status)
+    if progress.validation:
+        display.validation(progress.step, progress.validation)
+
+
+def _train_with_progress(stage: str, config: Any) -> None:
+    from rich.console import Console
+
+    from training.progress import TrainingProgress, summary_table
+    from training.ray_train import train
+    from training.run import RunFolder
+
+    console = Console(stderr=True)
+    out_dir = Path(config.out_dir).resolve()
+    console.print(f"run folder: {out_dir}", soft_wrap=True)
+    console.print(f"TensorBoard: tensorboard --logdir {out_dir / 'tensorboard'}", soft_wrap=True)
+    started_s = time.monotonic()
+    display = TrainingProgress(
+        config.steps, stage, samples_per_step=config.batch_size, starting="starting Ray Train",
+        console=console,
+    )  # fmt: skip
+    with display:
+        metrics = train(stage, config, on_progress=lambda progress: _show(display, progress))
+    elapsed = datetime.timedelta(seconds=round(time.monotonic() - started_s))
+    results = Console()
+    title = f"{stage} finished: step {metrics.get('step')}/{config.steps} in {elapsed}"
+    results.print(summary_table(title, metrics))
+    results.print(f"checkpoint: {RunFolder(out_dir, rank=0).latest_checkpoint()}", soft_wrap=True)
 
 
 @train.command()
