@@ -3,6 +3,7 @@
 import collections
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -32,6 +33,8 @@ class _LazyGroup(click.Group):
         "build": "pipelines.build_cli:build",
         "plan": "pipelines.build_cli:plan",
         "train": "training.train_cli:train",
+        "eval": "training.eval_cli:eval_command",
+        "relight": "training.relight_cli:relight_command",
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -57,6 +60,8 @@ class _LazyGroup(click.Group):
 def cli(verbose: int) -> None:
     """NeAR factory: relightable LH-SLAT datasets from 3D assets."""
     setup_logging(verbose)
+    # transformers draws a bar per model load (DINOv2 in every encoder and evaluator): ours say what runs
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _render_with_progress(

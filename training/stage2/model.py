@@ -76,6 +76,11 @@ class Stage2Render:
     scales: Float[Tensor, "M 3"]  # every rendered Gaussian of every sample, for the regularizers
     opacities: Float[Tensor, " M"]
 
+    def sample(self, index: int) -> "Stage2Render":
+        """The images of sample `index` alone (S = 1); the Gaussians' scales and opacities stay whole."""
+        images = ("radiance", "base_color", "roughness", "metallic", "shadow", "alpha")
+        return dataclasses.replace(self, **{name: getattr(self, name)[index : index + 1] for name in images})
+
 
 def take(fields: Any, index: Tensor) -> Any:
     """The same dataclass with every tensor field indexed by `index` along its first axis."""
