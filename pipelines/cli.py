@@ -60,8 +60,6 @@ class _LazyGroup(click.Group):
 def cli(verbose: int) -> None:
     """NeAR factory: relightable LH-SLAT datasets from 3D assets."""
     setup_logging(verbose)
-    # transformers draws a bar per model load (DINOv2 in every encoder and evaluator): ours say what runs
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _render_with_progress(
@@ -184,9 +182,14 @@ def demo(out: Path, seed: int, resolution: int, samples: int) -> None:
         sys.exit(1)
     console.print(f"train Stage 1 on it: near train stage1 --release demo-seed{seed} --config {stage1_path}")
     console.print(f"train Stage 2 on it: near train stage2 --release demo-seed{seed} --config {stage2_path}")
+    console.print(f"then evaluate both: near eval --release demo-seed{seed} --stage1 {out / 'runs' / 'stage1'} "
+                  f"--stage2 {out / 'runs' / 'stage2'}")
 
 
 def main() -> None:
+    # transformers draws a bar per model load (DINOv2 in every encoder and evaluator): ours say what runs. Set
+    # before any command module is imported (click imports it before the group's callback runs).
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     cli()
 
 

@@ -32,6 +32,7 @@ from pipelines.demo import write_demo_models
 from pipelines.report import write_report
 from pipelines.steps import (
     ENV_MAPS,
+    EVAL,
     FEATURES,
     INPUT,
     RELIGHT,
@@ -152,7 +153,8 @@ def test_first_build_computes_every_step_and_releases_every_role(first_build: Bu
     assert np.isfinite(shaded["latent"]).all() and not np.allclose(
         shaded["latent"][:, 0], shaded["latent"][:, 1]
     )
-    assert set(release.info["roles"]) == {*ASSET_ROLES, ENV_MAPS}
+    assert set(release.info["roles"]) == {*ASSET_ROLES, ENV_MAPS, EVAL}
+    assert release.info["test_roles"] == [EVAL] and not release.split("test")  # eval frames: test assets only
     maps = release.manifest.filter(pc.equal(release.manifest["role"], ENV_MAPS))
     assert maps.num_rows == BUNDLED_MAPS and set(maps["split"].to_pylist()) == {"shared"}
     used = {bytes(d).hex() for d in relight["frame_env_map"]}
