@@ -225,8 +225,10 @@ def evaluate(settings: EvalSettings, *, gpus: int = 0, workers: int = 1,
     Path(settings.out_dir).mkdir(parents=True, exist_ok=True)
     if gpus > 0 or workers > 1:
         rows, grids = _evaluate_on_ray(settings, assets, gpus, workers, on_asset)
+        device = f"{gpus} GPU actors" if gpus else f"{workers} CPU actors"
     else:
         evaluator = AssetEvaluator(settings)
+        device = _device_name(evaluator.device)
         rows, grids = [], []
         for done, asset in enumerate(assets, 1):
             asset_rows, asset_grids = evaluator.evaluate(asset)
@@ -241,10 +243,14 @@ def evaluate(settings: EvalSettings, *, gpus: int = 0, workers: int = 1,
                     "split_rule": release.info.get("split_rule"), "assets": len(assets)},
         "stage1": RunCheckpoint.latest(settings.stage1_run).describe(),
         "stage2": RunCheckpoint.latest(settings.stage2_run).describe(),
-        "device": f"{gpus} GPU" if gpus else "cpu",
+        "device": device,
     }
     write_report(Path(settings.out_dir), summary=summary, asset_rows=average_per_asset(rows), meta=meta, grids=grids)
     return summary
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def _evaluate_on_ray(settings: EvalSettings, assets: list[str], gpus: int, workers: int,
