@@ -20,9 +20,11 @@ from pathlib import Path
 
 import torch
 
-from training.run import step_batches
-from training.stage2.config import Stage2Config
-from training.stage2.trainer import Stage2Trainer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's packages before benchmarks/catalogs.py
+
+from training.run import step_batches  # noqa: E402
+from training.stage2.config import Stage2Config  # noqa: E402
+from training.stage2.trainer import Stage2Trainer  # noqa: E402
 
 
 def train(args: argparse.Namespace, run_dir: Path) -> dict:
