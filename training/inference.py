@@ -35,6 +35,7 @@ from training.stage1.model import stage1_model, velocity
 from training.stage1.trainer import ADAPTER_FILE
 from training.stage1.trainer import EMA_FILE as STAGE1_EMA_FILE
 from training.stage2.config import Stage2Config
+from training.stage2.env_map_store import resize_env_map
 from training.stage2.envmap import encode_env_map
 from training.stage2.gaussians import splats_for_view
 from training.stage2.model import Stage2Inputs, Stage2Model, Stage2Render, take
@@ -168,8 +169,7 @@ class Stage2Renderer:
 
     def resize_map(self, rgb: Float[Tensor, "H W 3"]) -> Float[Tensor, "He We 3"]:
         """A linear map at the tokenizer's size, as `EnvMapStore` serves them in training."""
-        hdr = rgb.float().permute(2, 0, 1)[None]
-        return torch.nn.functional.interpolate(hdr, size=self.map_size, mode="area")[0].permute(1, 2, 0)
+        return resize_env_map(rgb, self.map_size)
 
     def inputs(self, latent: Float[Tensor, "N C"], coords: Int[Tensor, "N 3"], views: Sequence[View],
                image_size: int) -> Stage2Inputs:  # fmt: skip

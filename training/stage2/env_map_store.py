@@ -65,6 +65,12 @@ def packed_env_maps(release: Release) -> dict[str, tuple[str, str]]:
     return maps
 
 
+def resize_env_map(rgb: Float[Tensor, "H W 3"], map_size: tuple[int, int]) -> Float[Tensor, "He We 3"]:
+    """A linear map at the lighting tokenizer's size (area averaging, so the energy of a small sun is kept)."""
+    hdr = rgb.float().permute(2, 0, 1)[None]
+    return F.interpolate(hdr, size=tuple(map_size), mode="area")[0].permute(1, 2, 0)
+
+
 def _is_sha256(value: object) -> bool:
     return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
@@ -190,8 +196,7 @@ class EnvMapStore:
         """
         if digest not in self._cache:
             self._require(digest)
-            hdr = self._read(self._locations[digest]).permute(2, 0, 1)[None]
-            self._cache[digest] = F.interpolate(hdr, size=self.map_size, mode="area")[0].permute(1, 2, 0)
+            self._cache[digest] = resize_env_map(self._read(self._locations[digest]), self.map_size)
         return self._cache[digest]
 
     def _require(self, digest: str) -> None:
