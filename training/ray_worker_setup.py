@@ -7,14 +7,16 @@ Every worker process of the job runs `setup_local_worker` when it starts, so thi
 import logging
 import os
 
+from infra.logs import quiet_library_notices
+
 PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 """Ray Train's `PlacementGroupCleaner` actor: a detached helper that removes the run's placement group if the
 Train controller dies."""
 
 
 def setup_local_worker() -> None:
-    """Point this worker's State API calls at its own cluster, and keep only the errors of Ray Train's
-    PlacementGroupCleaner.
+    """Point this worker's State API calls at its own cluster, keep only the errors of Ray Train's
+    PlacementGroupCleaner, and silence the library notices the CLI silences.
 
     The cleaner asks the State API once a second whether the Train controller still lives. In a worker of a
     local cluster the State API finds its cluster by looking for running GCS processes; with two Ray
@@ -28,3 +30,4 @@ def setup_local_worker() -> None:
 
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
+    quiet_library_notices()
