@@ -72,7 +72,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
 
 def _cell(stat: dict[str, Any]) -> str:
     mean, low, high = stat["mean"], stat.get("low"), stat.get("high")
-    if low is None or high is None:
+    if low is None or high is None or low == high:  # one asset: no interval
         return f"{mean:.3f}"
     return f"{mean:.3f} ±{(high - low) / 2:.3f}"
 
