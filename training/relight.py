@@ -181,7 +181,7 @@ def _env_maps(settings: RelightSettings, stage2: Stage2Renderer) -> dict[str, Te
     config = stage2.config
     release = Release.open(config.data_root, stage2.checkpoint.meta["release"]["name"])
     store = EnvMapStore.from_release(release, stage2.map_size)
-    held_out = held_out_env_maps(release, stage2)
+    held_out = held_out_env_maps(release, store, stage2)
     if not held_out:
         raise ConfigError("the Stage 2 run's release holds out no env map: pass --env-map FILE")
     return {name: store.get(digest) for digest, name in sorted(held_out.items(), key=lambda item: item[1])}

@@ -72,11 +72,10 @@ class EvalSettings:
             raise ConfigError(f"unknown tasks {unknown}; choose among {list(TASKS)}")
 
 
-def held_out_env_maps(release: Release, renderer: Stage2Renderer) -> dict[str, str]:
+def held_out_env_maps(release: Release, store: EnvMapStore, renderer: Stage2Renderer) -> dict[str, str]:
     """sha256 -> name of the maps the tasks light with: those the release holds out (release.json), or, for a
     release that records none, those the Stage 2 run never trained on."""
     recorded = release.info.get("held_out_env_maps")
-    store = EnvMapStore.from_release(release, renderer.map_size)
     if recorded:
         return {digest: name for name, digest in recorded.items()}
     return {digest: store.name_of(digest) for digest in store.digests if digest not in renderer.trained_env_maps}
@@ -93,7 +92,7 @@ class AssetEvaluator:
         self.stage1 = Stage1Predictor(settings.stage1_run, self.device)
         self.stage2 = Stage2Renderer(settings.stage2_run, self.device)
         self.env_maps = EnvMapStore.from_release(self.release, self.stage2.map_size)
-        self.held_out = set(held_out_env_maps(self.release, self.stage2))
+        self.held_out = set(held_out_env_maps(self.release, self.env_maps, self.stage2))
         self.agx = AgX.from_simple_ocio()
         lpips = settings.lpips_vgg or self.stage2.config.lpips_vgg
         self.lpips = Lpips.from_files(lpips) if lpips else None
