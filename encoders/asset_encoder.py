@@ -174,7 +174,7 @@ class AssetEncoder:
         render_set, asset_id = _open_render_set(render_dir, self.config.roles)
         timings: dict[str, float] = {}
         clock = time.perf_counter()
-        views, depth_maps = _load_views(render_set, self.config.roles, self.config.backproject.use_visibility)
+        views, depth_maps = load_views(render_set, self.config.roles, self.config.backproject.use_visibility)
         frames = render_set.frames
         cameras = Cameras.from_blender(
             np.stack([f.c2w for f in frames]), np.array([f.fov_rad for f in frames]), device=self.device
@@ -238,18 +238,19 @@ def _open_render_set(render_dir: str | os.PathLike[str], roles: tuple[Role, ...]
     return render_set, asset_id
 
 
-def _load_views(
+def load_views(
     render_set: RenderSet, roles: tuple[Role, ...], with_depth: bool
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Per role the premultiplied linear RGBA views (V, 4, H, W) float16, and the depth maps (V, H, W)."""
 
     def load(frame) -> dict[str, np.ndarray]:
         names = ["alpha", *(_ROLE_PASS[role] for role in roles), *(["depth"] if with_depth else [])]
-        passes = frame.load_passes(*names)
-        alpha = passes["alpha"][..., None]
-        loaded = {role: np.concatenate([passes[_ROLE_PASS[role]][..., :3], alpha], axis=-1) for role in roles}
+        passes = frame.load_passes(*names, dtype=None)  # colours stay half: they go to the GPU as half
+        alpha = passes["alpha"][..., None].astype(np.float16, copy=False)
+        loaded = {role: np.concatenate([passes[_ROLE_PASS[role]][..., :3].astype(np.float16, copy=False), alpha],
+                                       axis=-1) for role in roles}
         if with_depth:
-            loaded["depth"] = passes["depth"]
+            loaded["depth"] = passes["depth"].astype(np.float32, copy=False)
         return loaded
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:

@@ -108,7 +108,10 @@ class RenderActor(StepWorker):
         """Render the request's recipe (`request.config`) of its asset; raises StepFailed with the render's reason."""
         recipe = request.config
         out_dir = self.run_dir / recipe.name / asset_dir_name(Path(request.asset_id), request.source_id)
-        result = self.supervisor.render(RenderRequest(request.uri, str(out_dir), request.source_id, recipe.to_dict()))
+        # Every set a build renders is read back once on this node, then packed or encoded: uncompressed frames.
+        result = self.supervisor.render(
+            RenderRequest(request.uri, str(out_dir), request.source_id, recipe.to_dict(), frame_format="npz")
+        )
         if not result.is_ok:
             known = result.reason in Reason._value2member_map_
             reason = Reason(result.reason) if known else Reason.RENDER_ERROR

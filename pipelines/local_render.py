@@ -8,6 +8,7 @@ from typing import Any
 from catalogs.keys import sha256_file
 from render_jobs.protocol import RenderRequest, RenderResult
 from render_jobs.recipes import RecipeConfig
+from render_jobs.render_set import FrameFormat
 from render_jobs.supervisor import RenderSupervisor, RenderWorkerConfig
 
 
@@ -31,7 +32,8 @@ class AssetRecord:
 
 
 def render_files(
-    paths: list[Path], recipe: RecipeConfig, out_dir: Path, *, worker: RenderWorkerConfig, supervisor: RenderSupervisor | None = None
+    paths: list[Path], recipe: RecipeConfig, out_dir: Path, *, worker: RenderWorkerConfig,
+    supervisor: RenderSupervisor | None = None, frame_format: FrameFormat = "exr",
 ) -> Iterator[AssetRecord]:
     """Render every file in `paths` into `out_dir/<stem>-<sha12>/`, yielding one record per file in order.
 
@@ -51,6 +53,7 @@ def render_files(
                 out_dir=str((out_dir / asset_dir_name(path, source_id)).resolve()),
                 source_id=source_id,
                 recipe=recipe.to_dict(),
+                frame_format=frame_format,
             )
             yield AssetRecord(str(path), source_id, supervisor.render(request))
     finally:

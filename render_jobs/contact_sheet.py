@@ -76,4 +76,6 @@ def write_contact_sheet(path: str | os.PathLike[str], tiles: list[np.ndarray], *
         r, c = divmod(i, cols)
         y, x = gap_px + r * (t + gap_px), gap_px + c * (t + gap_px)
         sheet[y : y + t, x : x + t] = image
-    Image.fromarray(sheet).save(path, optimize=True)
+    # zlib's fastest level: a 150-view sheet costs 0.2 s instead of 0.7 s (`optimize`), for files ~15 % larger;
+    # an asset's four sheets are written after its last frame, so this time is not hidden behind a render.
+    Image.fromarray(sheet).save(path, compress_level=1)

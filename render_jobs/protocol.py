@@ -24,6 +24,8 @@ class RenderRequest:
     """sha256 of the asset's bytes; seeds cameras and lights."""
     recipe: dict[str, Any]
     """A `RecipeConfig` as a dict."""
+    frame_format: str = "exr"
+    """How frames are stored (`render_set.FRAME_FORMATS`): `npz` for a set only the next step reads back."""
 
 
 @dataclasses.dataclass(frozen=True)

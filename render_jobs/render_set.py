@@ -8,18 +8,23 @@
                               basecolor.RGB, roughness, metallic (half)
       contact_sheets/<pass>.png
 
-Passes that do not depend on lighting are stored once per view (DESIGN section 5).
+Passes that do not depend on lighting are stored once per view (DESIGN section 5). A set that is only read
+back by the next step on the same node (the build's `lh` renders) may store its frames as `.npz` instead of
+`.exr`: the same named channels and dtypes, uncompressed, which reads an order of magnitude faster than
+ZIP-compressed EXR and costs nothing to write. transforms.json names each frame's files, so readers never
+guess the format.
 """
 
 import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
+from numpy.typing import DTypeLike
 
-from render_jobs.exr import read_channels
+from render_jobs.exr import read_channels, write_channels
 
 FORMAT_VERSION = "near-render-set/1"
 TRANSFORMS_FILE = "transforms.json"
@@ -38,12 +43,33 @@ PASS_CHANNELS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
-def beauty_path(view_index: int, lighting_index: int) -> str:
-    return f"beauty/{view_index:03d}_{lighting_index:02d}.exr"
+FrameFormat = Literal["exr", "npz"]
+FRAME_FORMATS: tuple[str, ...] = get_args(FrameFormat)
+"""`exr`: ZIP-compressed OpenEXR, for sets people open and keep. `npz`: uncompressed NumPy, for transient sets."""
 
 
-def gbuffer_path(view_index: int) -> str:
-    return f"gbuffer/{view_index:03d}.exr"
+def beauty_path(view_index: int, lighting_index: int, frame_format: FrameFormat = "exr") -> str:
+    return f"beauty/{view_index:03d}_{lighting_index:02d}.{frame_format}"
+
+
+def gbuffer_path(view_index: int, frame_format: FrameFormat = "exr") -> str:
+    return f"gbuffer/{view_index:03d}.{frame_format}"
+
+
+def write_frame_file(path: str | os.PathLike[str], channels: dict[str, np.ndarray]) -> None:
+    """One frame file of named (H, W) channels, in the format its suffix names."""
+    if Path(path).suffix == ".npz":
+        np.savez(path, **channels)
+    else:
+        write_channels(path, channels)
+
+
+def read_frame_file(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Inverse of `write_frame_file`."""
+    if Path(path).suffix == ".npz":
+        with np.load(path) as npz:
+            return {name: npz[name] for name in npz.files}
+    return read_channels(path)
 
 
 def split_passes(
@@ -110,17 +136,19 @@ class Frame:
         """(H, W) or (H, W, C) float32 array of one pass, row 0 at the top."""
         return self.load_passes(pass_name)[pass_name]
 
-    def load_passes(self, *pass_names: str) -> dict[str, np.ndarray]:
-        """Several passes, as `load` gives them, reading each EXR file once."""
+    def load_passes(self, *pass_names: str, dtype: DTypeLike | None = np.float32) -> dict[str, np.ndarray]:
+        """Several passes, as `load` gives them, reading each frame file once; `dtype=None` keeps the stored
+        dtypes (half for colours, float for depth), which saves a conversion per pass."""
         files: dict[str, dict[str, np.ndarray]] = {}
         passes = {}
         for name in pass_names:
             kind, stored, _ = PASS_CHANNELS[name]
             if kind not in files:
                 path = self.record["file_path"] if kind == "beauty" else self.record["gbuffer_path"]
-                files[kind] = read_channels(self.root / path)
-            arrays = [files[kind][channel].astype(np.float32) for channel in stored]
-            passes[name] = arrays[0] if len(arrays) == 1 else np.stack(arrays, axis=-1)
+                files[kind] = read_frame_file(self.root / path)
+            arrays = [files[kind][channel] for channel in stored]
+            array = arrays[0] if len(arrays) == 1 else np.stack(arrays, axis=-1)
+            passes[name] = array if dtype is None else array.astype(dtype, copy=False)
         return passes
 
 

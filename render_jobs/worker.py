@@ -24,7 +24,7 @@ import numpy as np
 from infra.errors import AssetRejected, NotFound, Reason
 from render_jobs import contact_sheet, lighting, render_set
 from render_jobs.cameras import focal_px
-from render_jobs.exr import read_channels, write_channels
+from render_jobs.exr import read_channels
 from render_jobs.formats import detect_format
 from render_jobs.gpu_backend import select_gpu_backend
 from render_jobs.protocol import (
@@ -120,7 +120,11 @@ def render_asset(request: RenderRequest, scratch: Path, scene: Any, info: Worker
         timings["setup_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        records, tiles, coverage, timings["blender_s"] = _render_frames(rig, frames, recipe, partial, scratch)
+        if request.frame_format not in render_set.FRAME_FORMATS:
+            raise ValueError(f"frame_format must be one of {render_set.FRAME_FORMATS}, got {request.frame_format!r}")
+        records, tiles, coverage, timings["blender_s"] = _render_frames(
+            rig, frames, recipe, request.frame_format, partial, scratch
+        )
         timings["render_s"] = time.perf_counter() - t
         timings["per_frame_s"] = timings["render_s"] / len(frames)
         if coverage < BLANK_COVERAGE:
@@ -163,12 +167,13 @@ def _commit(partial: Path, out_dir: Path) -> None:
         partial.rename(out_dir)
 
 
-def _render_frames(rig: Any, frames: list, recipe: RecipeConfig, out: Path, scratch: Path):
+def _render_frames(rig: Any, frames: list, recipe: RecipeConfig, frame_format: str, out: Path, scratch: Path):
     """Render and store every frame; returns (frame records, preview tiles per pass, largest alpha coverage,
     seconds spent inside Blender).
 
-    Blender releases the GIL while it renders, so storing frame k (splitting passes, compressing EXRs,
-    preview tiles) runs on a thread during the render of frame k + 1; at most STORE_QUEUE frames wait.
+    Blender releases the GIL while it renders, so storing frame k (reading Blender's file back, splitting
+    passes, writing frame files, preview tiles) runs on a thread during the render of frame k + 1: the render
+    loop itself only moves the camera. At most STORE_QUEUE frames wait, each in its own scratch file.
     """
     has_gbuffer = any(render_set.PASS_CHANNELS[p][0] == "gbuffer" for p in recipe.passes)
     (out / "beauty").mkdir()
@@ -179,22 +184,22 @@ def _render_frames(rig: Any, frames: list, recipe: RecipeConfig, out: Path, scra
     stored: list[Future] = []
     current_view, blender_s = -1, 0.0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="near-store") as store:
-        for frame in frames:
+        for k, frame in enumerate(frames):
+            if len(stored) > STORE_QUEUE:
+                stored[-STORE_QUEUE - 1].result()  # frees its scratch file; re-raises a failed store at once
             t = time.perf_counter()
             new_view = frame.view_index != current_view
             if new_view:
                 rig.set_view(frame.view)
             rig.set_lighting(frame.lighting)
-            rig.render(scratch / "frame.exr")
+            blender_file = scratch / f"frame{k % (STORE_QUEUE + 2)}.exr"
+            rig.render(blender_file)
             blender_s += time.perf_counter() - t
-            channels = read_channels(scratch / "frame.exr", view_layer=rig.view_layer_name)
-            stored.append(store.submit(_store_frame, channels, frame, new_view, recipe, out, tile_px))
-            if len(stored) > STORE_QUEUE:
-                stored[-STORE_QUEUE - 1].result()  # bounds memory; re-raises a failed store at once
+            stored.append(store.submit(_store_frame, blender_file, rig.view_layer_name, frame, new_view, recipe,
+                                       frame_format, out, tile_px))
             current_view = frame.view_index
-            records.append(
-                _frame_record(frame, recipe, has_gbuffer=has_gbuffer, sun_threshold=rig.sun_threshold)
-            )
+            records.append(_frame_record(frame, recipe, frame_format, has_gbuffer=has_gbuffer,
+                                         sun_threshold=rig.sun_threshold))
         results = [future.result() for future in stored]
     tiles = {p: [t for frame_tiles, _ in results for name, t in frame_tiles if name == p] for p in recipe.passes}
     coverage = max(frame_coverage for _, frame_coverage in results)
@@ -202,14 +207,16 @@ def _render_frames(rig: Any, frames: list, recipe: RecipeConfig, out: Path, scra
 
 
 def _store_frame(
-    channels: dict[str, np.ndarray], frame: Any, new_view: bool, recipe: RecipeConfig, out: Path, tile_px: int
+    blender_file: Path, view_layer: str, frame: Any, new_view: bool, recipe: RecipeConfig, frame_format: str,
+    out: Path, tile_px: int,
 ) -> tuple[list[tuple[str, np.ndarray]], float]:
-    """Write one frame's beauty (and, for a new view, gbuffer) EXR; returns its preview tiles and alpha coverage."""
-    beauty, gbuffer = render_set.split_passes(channels, recipe.passes)
+    """Write one frame's beauty (and, for a new view, gbuffer) file; returns its preview tiles and alpha coverage."""
+    beauty, gbuffer = render_set.split_passes(read_channels(blender_file, view_layer=view_layer), recipe.passes)
     alpha = beauty["A"]
-    write_channels(out / render_set.beauty_path(frame.view_index, frame.lighting_index), beauty)
+    render_set.write_frame_file(out / render_set.beauty_path(frame.view_index, frame.lighting_index, frame_format),
+                                beauty)
     if new_view and gbuffer:
-        write_channels(out / render_set.gbuffer_path(frame.view_index), gbuffer)
+        render_set.write_frame_file(out / render_set.gbuffer_path(frame.view_index, frame_format), gbuffer)
     tiles = []
     for pass_name in recipe.passes:
         kind, names, _ = render_set.PASS_CHANNELS[pass_name]
@@ -222,13 +229,13 @@ def _store_frame(
 
 
 def _frame_record(
-    frame: Any, recipe: RecipeConfig, *, has_gbuffer: bool, sun_threshold: float | None
+    frame: Any, recipe: RecipeConfig, frame_format: str, *, has_gbuffer: bool, sun_threshold: float | None
 ) -> dict[str, Any]:
     """One frame of transforms.json; its `lighting` is the frame's LightingSpec and `lighting.shadow_fields`."""
     view = frame.view
     f = focal_px(view.fov_rad, recipe.resolution_px)
     record = {
-        "file_path": render_set.beauty_path(frame.view_index, frame.lighting_index),
+        "file_path": render_set.beauty_path(frame.view_index, frame.lighting_index, frame_format),
         "view_index": frame.view_index,
         "lighting_index": frame.lighting_index,
         "camera_angle_x": view.fov_rad,
@@ -239,7 +246,7 @@ def _frame_record(
         "lighting": {**frame.lighting.to_dict(), **lighting.shadow_fields(frame.lighting, sun_threshold)},
     }
     if has_gbuffer:
-        record["gbuffer_path"] = render_set.gbuffer_path(frame.view_index)
+        record["gbuffer_path"] = render_set.gbuffer_path(frame.view_index, frame_format)
     return record
 
 

@@ -3,10 +3,20 @@
 import numpy as np
 import pytest
 
+from pipelines.local_render import render_files
 from render_jobs.exr import read_channels, write_channels
 from render_jobs.formats import detect_format, find_asset_files
 from render_jobs.protocol import RenderRequest, RenderResult, WorkerInfo, decode, encode
-from render_jobs.render_set import read_ply, write_ply
+from render_jobs.recipes import recipe_config
+from render_jobs.render_set import (
+    FRAME_FORMATS,
+    RenderSet,
+    beauty_path,
+    read_frame_file,
+    read_ply,
+    write_frame_file,
+    write_ply,
+)
 
 
 def test_format_is_detected_by_content(tmp_path):
@@ -60,6 +70,22 @@ def test_protocol_round_trip():
         decode(b"Blender 5.0.1 (hash abc) started\n")
 
 
+@pytest.mark.parametrize("frame_format", FRAME_FORMATS)
+def test_frame_files_keep_names_dtypes_and_values(tmp_path, frame_format):
+    rng = np.random.default_rng(1)
+    channels = {"R": rng.random((4, 5)).astype(np.float16), "depth": rng.random((4, 5)).astype(np.float32),
+                "normal.X": rng.random((4, 5)).astype(np.float16)}
+    path = tmp_path / beauty_path(3, 1, frame_format)
+    path.parent.mkdir()
+    write_frame_file(path, channels)
+    assert path.name == f"003_01.{frame_format}" and path.is_file()
+    back = read_frame_file(path)
+    assert back.keys() == channels.keys()
+    for name, array in channels.items():
+        assert back[name].dtype == array.dtype
+        np.testing.assert_array_equal(back[name], array)
+
+
 def test_ply_and_exr_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     vertices, faces = rng.random((10, 3)).astype(np.float32), rng.integers(0, 10, (7, 3)).astype(np.int32)
@@ -73,3 +99,23 @@ def test_ply_and_exr_round_trip(tmp_path):
     for name, array in channels.items():
         assert back[name].dtype == array.dtype
         np.testing.assert_array_equal(back[name], array)
+
+
+@pytest.mark.blender
+def test_npz_frames_hold_the_pixels_of_exr_frames(tmp_path, demo_assets, supervisor, worker_config):
+    """The build's uncompressed frames and `near render`'s EXRs are two encodings of the same render."""
+    recipe = recipe_config("lh", num_views=2, resolution_px=32, samples=2)
+    sets = {}
+    for frame_format in FRAME_FORMATS:
+        (record,) = render_files([demo_assets["textured_cube"]], recipe, tmp_path / frame_format, worker=worker_config,
+                                 supervisor=supervisor, frame_format=frame_format)
+        assert record.result.is_ok, record.result.message
+        sets[frame_format] = RenderSet.open(record.result.out_dir)
+    exr, npz = sets["exr"], sets["npz"]
+    assert [f.record["file_path"] for f in npz.frames] == ["beauty/000_00.npz", "beauty/001_00.npz"]
+    assert not list(npz.root.rglob("*.exr"))
+    for a, b in zip(exr.frames, npz.frames):
+        np.testing.assert_array_equal(a.c2w, b.c2w)
+        passes = list(exr.meta["passes"])
+        for name, pixels in a.load_passes(*passes).items():
+            np.testing.assert_array_equal(b.load(name), pixels, err_msg=name)
