@@ -241,23 +241,25 @@ def _open_render_set(render_dir: str | os.PathLike[str], roles: tuple[Role, ...]
 def load_views(
     render_set: RenderSet, roles: tuple[Role, ...], with_depth: bool
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """Per role the premultiplied linear RGBA views (V, 4, H, W) float16, and the depth maps (V, H, W)."""
+    """Per role the premultiplied linear RGBA views (V, 4, H, W) float16, and the depth maps (V, H, W).
 
-    def load(frame) -> dict[str, np.ndarray]:
-        names = ["alpha", *(_ROLE_PASS[role] for role in roles), *(["depth"] if with_depth else [])]
-        passes = frame.load_passes(*names, dtype=None)  # colours stay half: they go to the GPU as half
-        alpha = passes["alpha"][..., None].astype(np.float16, copy=False)
-        loaded = {role: np.concatenate([passes[_ROLE_PASS[role]][..., :3].astype(np.float16, copy=False), alpha],
-                                       axis=-1) for role in roles}
-        if with_depth:
-            loaded["depth"] = passes["depth"].astype(np.float32, copy=False)
-        return loaded
+    Frames are read on a thread pool straight into the preallocated outputs, in the stored dtypes (colours are
+    half, as they go to the GPU): one copy per pass."""
+    frames = render_set.frames
+    names = ["alpha", *(_ROLE_PASS[role] for role in roles), *(["depth"] if with_depth else [])]
+    height, width = frames[0].load("alpha").shape
+    views = {role: np.empty((len(frames), 4, height, width), np.float16) for role in roles}
+    depth = np.empty((len(frames), height, width), np.float32) if with_depth else None
+
+    def load(index: int) -> None:
+        passes = frames[index].load_passes(*names, dtype=None)
+        for role in roles:
+            views[role][index, :3] = np.moveaxis(passes[_ROLE_PASS[role]][..., :3], -1, 0)
+            views[role][index, 3] = passes["alpha"]
+        if depth is not None:
+            depth[index] = passes["depth"]
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        per_frame = list(pool.map(load, render_set.frames))
-
-    def stack(key: str) -> torch.Tensor:
-        return torch.from_numpy(np.stack([loaded[key] for loaded in per_frame]))
-
-    views = {role: stack(role).permute(0, 3, 1, 2).half() for role in roles}
-    return views, stack("depth") if with_depth else None
+        list(pool.map(load, range(len(frames))))
+    return ({role: torch.from_numpy(array) for role, array in views.items()},
+            None if depth is None else torch.from_numpy(depth))

@@ -110,7 +110,7 @@ class RenderActor(StepWorker):
         out_dir = self.run_dir / recipe.name / asset_dir_name(Path(request.asset_id), request.source_id)
         # Every set a build renders is read back once on this node, then packed or encoded: uncompressed frames.
         result = self.supervisor.render(
-            RenderRequest(request.uri, str(out_dir), request.source_id, recipe.to_dict(), frame_format="npz")
+            RenderRequest(request.uri, str(out_dir), request.source_id, recipe.to_dict(), frame_format="npy")
         )
         if not result.is_ok:
             known = result.reason in Reason._value2member_map_

@@ -25,7 +25,7 @@ class RenderRequest:
     recipe: dict[str, Any]
     """A `RecipeConfig` as a dict."""
     frame_format: str = "exr"
-    """How frames are stored (`render_set.FRAME_FORMATS`): `npz` for a set only the next step reads back."""
+    """How frames are stored (`render_set.FRAME_FORMATS`): `npy` for a set only the next step reads back."""
 
 
 @dataclasses.dataclass(frozen=True)

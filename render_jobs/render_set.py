@@ -9,10 +9,10 @@
       contact_sheets/<pass>.png
 
 Passes that do not depend on lighting are stored once per view (DESIGN section 5). A set that is only read
-back by the next step on the same node (the build's `lh` renders) may store its frames as `.npz` instead of
-`.exr`: the same named channels and dtypes, uncompressed, which reads an order of magnitude faster than
-ZIP-compressed EXR and costs nothing to write. transforms.json names each frame's files, so readers never
-guess the format.
+back by the next step on the same node (every set a build renders) may store its frames as `.npy` instead of
+`.exr`: the same named channels and dtypes as the fields of one uncompressed structured array, which costs a
+memory copy to write and one read to load (no ZIP on the render child's store thread, no inflate in the step
+that reads it). transforms.json names each frame's files, so readers never guess the format.
 """
 
 import dataclasses
@@ -43,9 +43,9 @@ PASS_CHANNELS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
-FrameFormat = Literal["exr", "npz"]
+FrameFormat = Literal["exr", "npy"]
 FRAME_FORMATS: tuple[str, ...] = get_args(FrameFormat)
-"""`exr`: ZIP-compressed OpenEXR, for sets people open and keep. `npz`: uncompressed NumPy, for transient sets."""
+"""`exr`: ZIP-compressed OpenEXR, for sets people open and keep. `npy`: uncompressed NumPy, for transient sets."""
 
 
 def beauty_path(view_index: int, lighting_index: int, frame_format: FrameFormat = "exr") -> str:
@@ -57,18 +57,23 @@ def gbuffer_path(view_index: int, frame_format: FrameFormat = "exr") -> str:
 
 
 def write_frame_file(path: str | os.PathLike[str], channels: dict[str, np.ndarray]) -> None:
-    """One frame file of named (H, W) channels, in the format its suffix names."""
-    if Path(path).suffix == ".npz":
-        np.savez(path, **channels)
+    """One frame file of named (H, W) channels, in the format its suffix names (`.npy`: one structured array,
+    a field per channel)."""
+    if Path(path).suffix == ".npy":
+        first = next(iter(channels.values()))
+        frame = np.empty(first.shape, dtype=[(name, array.dtype) for name, array in channels.items()])
+        for name, array in channels.items():
+            frame[name] = array
+        np.save(path, frame)
     else:
         write_channels(path, channels)
 
 
 def read_frame_file(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """Inverse of `write_frame_file`."""
-    if Path(path).suffix == ".npz":
-        with np.load(path) as npz:
-            return {name: npz[name] for name in npz.files}
+    if Path(path).suffix == ".npy":
+        frame = np.load(path)
+        return {name: frame[name] for name in frame.dtype.names}
     return read_channels(path)
 
 

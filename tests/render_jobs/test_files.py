@@ -102,7 +102,7 @@ def test_ply_and_exr_round_trip(tmp_path):
 
 
 @pytest.mark.blender
-def test_npz_frames_hold_the_pixels_of_exr_frames(tmp_path, demo_assets, supervisor, worker_config):
+def test_npy_frames_hold_the_pixels_of_exr_frames(tmp_path, demo_assets, supervisor, worker_config):
     """The build's uncompressed frames and `near render`'s EXRs are two encodings of the same render."""
     recipe = recipe_config("lh", num_views=2, resolution_px=32, samples=2)
     sets = {}
@@ -111,10 +111,10 @@ def test_npz_frames_hold_the_pixels_of_exr_frames(tmp_path, demo_assets, supervi
                                  supervisor=supervisor, frame_format=frame_format)
         assert record.result.is_ok, record.result.message
         sets[frame_format] = RenderSet.open(record.result.out_dir)
-    exr, npz = sets["exr"], sets["npz"]
-    assert [f.record["file_path"] for f in npz.frames] == ["beauty/000_00.npz", "beauty/001_00.npz"]
-    assert not list(npz.root.rglob("*.exr"))
-    for a, b in zip(exr.frames, npz.frames):
+    exr, npy = sets["exr"], sets["npy"]
+    assert [f.record["file_path"] for f in npy.frames] == ["beauty/000_00.npy", "beauty/001_00.npy"]
+    assert not list(npy.root.rglob("*.exr"))
+    for a, b in zip(exr.frames, npy.frames):
         np.testing.assert_array_equal(a.c2w, b.c2w)
         passes = list(exr.meta["passes"])
         for name, pixels in a.load_passes(*passes).items():
