@@ -5,18 +5,33 @@ frame rate, and overfitting one factory-rendered asset.
     python benchmarks/stage2.py decoder --out benchmarks/results/stage2_decoder_h100.json
     python benchmarks/stage2.py overfit --data-root DIR --release NAME --env-maps DIR --held-out MAP.exr \
         --out benchmarks/results/stage2_overfit_h100.json
+    python benchmarks/stage2.py speed --out benchmarks/results/stage2_speed_h100.json
+    python benchmarks/stage2.py speed --tiny --device cpu --out /tmp/stage2_speed_cpu.json   # a check, not a number
 
 `decoder` builds the paper's model (12 + 6 blocks of width 768, 16 registers, 4096 lighting tokens, 32
 Gaussians per voxel) with random weights (the time and memory of a step do not depend on them) and measures,
 per per-GPU batch of objects of `--voxels` voxels rendered at 512^2, the step time and peak memory up to the
 largest batch that fits, then the time to render one view under one lighting of a decoded object.
+
+`speed` measures the fast paths in one run, each against today's path on the same GPU and weights (paper-size
+model, random weights, bf16): the frame rate of one view under one lighting of a decoded object (`--voxels` voxels,
+32 Gaussians each, `--size`^2), a new camera every frame, with every switch off (before), each alone and all on
+(after); then training samples/s per per-GPU batch, before (one frame per asset, plain paths) and after
+(`--frames-per-asset` frames per asset, fast paths), without and with gradient checkpointing. `--tiny` runs the
+same on the CPU demo model in seconds, to check the code before spending GPU time.
 """
 
 import argparse
+import dataclasses
+import gc
+import importlib.metadata
 import json
+import math
 import platform
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +41,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.stage1 import surface_coords
 from encoders.sparse import SparseTensor
+from pipelines.demo import DEMO_STAGE2_MODEL
 from render_jobs.cameras import opencv_intrinsics, opencv_w2c
 from tests.training.test_stage2_parts import random_scene
 from training.stage2.agx import AgX
+from training.stage2.envmap import encode_env_map
 from training.stage2.losses import LossWeights, Stage2Target, stage2_losses
-from training.stage2.model import Stage2Inputs, Stage2Model, Stage2ModelConfig, take
+from training.stage2.model import (
+    Stage2Inputs,
+    Stage2Model,
+    Stage2ModelConfig,
+    ViewRenderer,
+    ViewRendererConfig,
+    take,
+)
 from training.stage2.rasterizer import Camera, rasterize
 
 PAPER = "NeAR paper: 500K iterations of batch 48 on 4 H100s in about 10 days; decoder at 30 FPS"
@@ -38,7 +62,12 @@ PAPER = "NeAR paper: 500K iterations of batch 48 on 4 H100s in about 10 days; de
 
 def _device_info() -> dict[str, Any]:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU)"
-    return {"gpu": gpu, "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        gsplat = importlib.metadata.version("gsplat")
+    except importlib.metadata.PackageNotFoundError:
+        gsplat = None
+    return {"gpu": gpu, "torch": torch.__version__, "gsplat": gsplat, "python": platform.python_version(),
+            "machine": platform.node(), "command": " ".join(sys.argv)}  # fmt: skip
 
 
 def rasterizer(args: argparse.Namespace) -> dict[str, Any]:
@@ -164,6 +193,189 @@ def decoder(args: argparse.Namespace) -> dict[str, Any]:
             "parameters_total": sum(parameters.values()), "steps": runs,
             "frame": _frame_time(model, inputs), "paper": PAPER}  # fmt: skip
 
+SWITCHES = ("batched_cross_attention", "batched_rasterizer", "reuse_map_features", "cuda_graph")
+"""Every fast path's switch: the first two in `Stage2ModelConfig`, the last two in `ViewRendererConfig`."""
+
+
+def _switched(config: Stage2ModelConfig, on: set[str]) -> Stage2ModelConfig:
+    decoder = config.decoder.replace(batched_cross_attention="batched_cross_attention" in on)
+    return config.replace(decoder=decoder, batched_rasterizer="batched_rasterizer" in on)
+
+
+def _turntable(
+    config: Stage2ModelConfig, assets: int, frames_per_asset: int, voxels: int, size: int, device: torch.device
+) -> Stage2Inputs:  # fmt: skip
+    """`assets` objects of `voxels` voxels, each in `frames_per_asset` frames: sample s seen by a camera 2 units
+    away at yaw 2 pi s / S, under its own random map, E_dir in that camera's frame."""
+    samples = assets * frames_per_asset
+    generator = torch.Generator().manual_seed(0)
+    # the Blender camera at y = -2 looking along +y (its -z), turned about z
+    base = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, -1.0, -2.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    encodings, w2cs = [], []
+    for s in range(samples):
+        yaw = 2 * math.pi * s / samples
+        turn = torch.eye(4)
+        turn[:2, :2] = torch.tensor([[math.cos(yaw), -math.sin(yaw)], [math.sin(yaw), math.cos(yaw)]])
+        c2w = turn @ base
+        hdr = torch.rand(*config.tokenizer.map_size, 3, generator=generator) * 4
+        encodings.append(encode_env_map(hdr, yaw_rad=0.0, c2w=c2w))
+        w2cs.append(torch.tensor(opencv_w2c(c2w.double().numpy()), dtype=torch.float32))
+    coords = surface_coords(voxels, assets)
+    K = torch.tensor(opencv_intrinsics(0.698, size), dtype=torch.float32)
+    inputs = Stage2Inputs(
+        slat=SparseTensor(coords, torch.randn(len(coords), config.decoder.input_channels, generator=generator)),
+        sample_asset=torch.arange(assets).repeat_interleave(frames_per_asset), w2c=torch.stack(w2cs),
+        K=K.expand(samples, 3, 3).contiguous(), env_ldr=torch.stack([e.ldr for e in encodings]),
+        env_log=torch.stack([e.log for e in encodings]), env_dir=torch.stack([e.direction for e in encodings]),
+        image_size=(size, size),
+    )  # fmt: skip
+    return inputs.to(device)
+
+
+def _build(config: Stage2ModelConfig, device: torch.device) -> Stage2Model:
+    """Seeded random weights, initialised on the device itself (fast for 253M parameters)."""
+    torch.manual_seed(0)
+    with device:
+        return Stage2Model(config)
+
+
+def _timed(fn: Callable[[int], Any], device: torch.device, repeats: int, warmup: int = 3) -> float:
+    """Median seconds of `fn(i)` over `repeats` calls after `warmup`."""
+    times = []
+    for i in range(warmup + repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn(i)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[warmup:])
+
+
+@torch.no_grad()
+def _view_fps(
+    config: Stage2ModelConfig, on: set[str], views: Stage2Inputs, device: torch.device, repeats: int
+) -> dict[str, Any]:  # fmt: skip
+    """Frames per second of one view under one lighting of a decoded object, a new camera every frame (a turntable
+    of the views in `views`). Without `ViewRenderer`'s switches this is today's path: `decode_intrinsic` once, then
+    `decode_lighting` and `render` per frame."""
+    model = _build(_switched(config, on), device).eval()
+    count = views.w2c.shape[0]
+
+    def view(i: int) -> Stage2Inputs:
+        one = slice(i % count, i % count + 1)
+        per_sample = ("sample_asset", "w2c", "K", "env_ldr", "env_log", "env_dir")
+        return dataclasses.replace(views, **{name: getattr(views, name)[one] for name in per_sample})
+
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        first = view(0)
+        if on & {"reuse_map_features", "cuda_graph"}:
+            renderer_config = ViewRendererConfig(
+                reuse_map_features="reuse_map_features" in on, cuda_graph="cuda_graph" in on
+            )
+            renderer = ViewRenderer(model, first.slat, first.sample_asset, first.env_ldr, first.env_log,
+                                    config=renderer_config)  # fmt: skip
+
+            def frame(i: int) -> None:
+                inputs = view(i)
+                renderer(inputs.w2c, inputs.K, inputs.env_dir, inputs.image_size)
+        else:
+            features, registers, gaussians = model.decode_intrinsic(first.slat)
+
+            def frame(i: int) -> None:
+                inputs = view(i)
+                gather, groups, lighting = model.decode_lighting(inputs, features, registers)
+                model.render(inputs, take(gaussians, gather), lighting, groups)
+
+        seconds = _timed(frame, device, repeats)
+    del model
+    _free(device)
+    return {"switches_on": sorted(on), "view_ms": round(1000 * seconds, 2), "fps": round(1 / seconds, 1)}
+
+
+def _train_rate(
+    config: Stage2ModelConfig, on: set[str], *, batch: int, frames_per_asset: int, checkpointing: bool, voxels: int,
+    size: int, steps: int, device: torch.device,
+) -> dict[str, Any]:  # fmt: skip
+    config = _switched(config, on)
+    config = config.replace(decoder=config.decoder.replace(gradient_checkpointing=checkpointing))
+    row = {"batch": batch, "frames_per_asset": frames_per_asset, "gradient_checkpointing": checkpointing,
+           "switches_on": sorted(on)}  # fmt: skip
+    model = inputs = None
+    try:
+        model = _build(config, device).train()
+        inputs = _turntable(config, batch // frames_per_asset, frames_per_asset, voxels, size, device)
+        row.update(_train_steps(model, inputs, device, steps))
+    except torch.OutOfMemoryError:
+        row["result"] = "out of memory"
+    finally:
+        del model, inputs
+        _free(device)
+    print(row, flush=True)
+    return row
+
+
+def _train_steps(model: Stage2Model, inputs: Stage2Inputs, device: torch.device, steps: int) -> dict[str, Any]:
+    agx = AgX.from_simple_ocio().to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    samples, (height, width) = inputs.w2c.shape[0], inputs.image_size
+    image = torch.rand(samples, height, width, 1, device=device)
+    target = Stage2Target(image.expand(-1, -1, -1, 3), image, image.expand(-1, -1, -1, 3), image, image, image,
+                          torch.ones(samples, device=device))  # fmt: skip
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def step(i: int) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            render = model(inputs)
+        loss = stage2_losses(render, target, agx=agx, lpips=None, weights=LossWeights(),
+                             generator=torch.Generator().manual_seed(i))["total"]  # fmt: skip
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+    seconds = _timed(step, device, steps, warmup=2)
+    memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return {"step_s": round(seconds, 4), "samples_per_s": round(samples / seconds, 2),
+            "peak_memory_gib": None if memory is None else round(memory, 2)}  # fmt: skip
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def speed(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    if args.tiny:
+        config = Stage2ModelConfig.from_dict(DEMO_STAGE2_MODEL)
+        voxels, size, repeats, steps, batches = 300, 48, 5, 3, {False: [4], True: [4]}
+    else:
+        config = Stage2ModelConfig()
+        voxels, size, repeats, steps = args.voxels, args.size, args.repeats, args.steps
+        batches = {False: args.batches, True: args.checkpointed_batches}
+    views = _turntable(config, 1, 8, voxels, size, device)  # one object seen by 8 cameras, each under its own map
+    views = dataclasses.replace(views, sample_asset=torch.zeros_like(views.sample_asset))
+    variants = {"before": set(), **{name: {name} for name in SWITCHES}, "after": set(SWITCHES)}
+    frame = {}
+    for name, on in variants.items():
+        frame[name] = _view_fps(config, on, views, device, repeats)
+        print(name, frame[name], flush=True)
+    training = [
+        _train_rate(config, on, batch=batch, frames_per_asset=k, checkpointing=checkpointing, voxels=voxels,
+                    size=size, steps=steps, device=device)
+        for checkpointing, sizes in batches.items() for batch in sizes
+        for on, k in ((set(), 1), (set(SWITCHES[:2]), args.frames_per_asset)) if batch % k == 0
+    ]  # fmt: skip
+    return {"model": "demo (tiny)" if args.tiny else "paper", "device": str(device), "voxels_per_object": voxels,
+            "gaussians_per_voxel": config.heads.gaussians_per_voxel, "image_px": size,
+            "env_map_px": list(config.tokenizer.map_size), "precision": "bf16" if device.type == "cuda" else "float32",
+            "frame": frame, "frame_speedup": round(frame["after"]["fps"] / frame["before"]["fps"], 2),
+            "training": training, "paper": PAPER}  # fmt: skip
+
 
 def overfit(args: argparse.Namespace) -> dict[str, Any]:
     from training.run import step_batches
@@ -236,6 +448,16 @@ def main() -> None:
     dec.add_argument("--size", type=int, default=512)
     dec.add_argument("--steps", type=int, default=5)
     dec.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 6, 8, 12, 16, 24])
+    fast = commands.add_parser("speed")
+    fast.add_argument("--device", default="cuda")
+    fast.add_argument("--tiny", action="store_true", help="the demo model at CPU sizes: checks that the code runs")
+    fast.add_argument("--voxels", type=int, default=16384)
+    fast.add_argument("--size", type=int, default=512)
+    fast.add_argument("--repeats", type=int, default=20)
+    fast.add_argument("--steps", type=int, default=5)
+    fast.add_argument("--frames-per-asset", type=int, default=4)
+    fast.add_argument("--batches", type=int, nargs="+", default=[4, 8], help="per GPU, without checkpointing")
+    fast.add_argument("--checkpointed-batches", type=int, nargs="+", default=[12, 24])
     fit = commands.add_parser("overfit")
     fit.add_argument("--data-root", required=True)
     fit.add_argument("--release", required=True)
@@ -248,7 +470,7 @@ def main() -> None:
     fit.add_argument("--lr", type=float, default=5e-4)
     fit.add_argument("--warmup", type=int, default=100)
     fit.add_argument("--eval-every", type=int, default=500)
-    for command in (raster, dec, fit):
+    for command in (raster, dec, fast, fit):
         command.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     result = {"benchmark": f"stage2 {args.command}", **_device_info(), **globals()[args.command](args)}

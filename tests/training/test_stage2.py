@@ -15,6 +15,7 @@ import yaml
 
 from catalogs.release_reader import Release
 from infra.environments import RENDER_PYTHON_ENV_VAR
+from infra.errors import ConfigError
 from pipelines.demo import DEMO_STAGE2_MODEL
 from pipelines.steps import ENV_MAPS
 from training.run import CHECKPOINTS, LATEST
@@ -89,6 +90,30 @@ def test_relight_frames_come_with_their_environment_maps(stage2_config: Stage2Co
     with_bc = Stage2Data(release, "train", store, with_bc_slat=True).batch(picked)[0]
     assert with_bc.slat.feats.shape == (inputs.slat.feats.shape[0], 16)  # LH-SLAT then BC-SLAT channels
     assert torch.equal(with_bc.slat.feats[:, :8], inputs.slat.feats)
+
+
+def test_frames_per_asset_draws_runs_of_frames_of_one_asset(stage2_config: Stage2Config, tmp_path: Path) -> None:
+    from training.stage2.trainer import Stage2Trainer
+
+    release = Release.open(stage2_config.data_root, stage2_config.release)
+    store = EnvMapStore.from_release(release, (32, 64))
+    data = Stage2Data(release, "train", store, frames_per_asset=2)
+    draws = [0, 5, len(data) - 1, 1]
+    assert Stage2Data(release, "train", store).group(draws) == draws  # one frame per asset: the draws as they are
+    grouped = data.group(draws)
+    frames = [data.frames[i] for i in grouped]
+    assert grouped[0::2] == draws[0::2]  # each run keeps its first draw, then other frames of that asset
+    assert frames[0].asset == frames[1].asset != frames[2].asset == frames[3].asset
+    assert grouped[0] != grouped[1] and grouped[2] != grouped[3]
+    assert data.batch(draws)[0].sample_asset.tolist() == [0, 0, 1, 1]  # two assets decoded for four samples
+    assert data.read(draws)[0].sample_asset.tolist() == [0, 1, 1, 0]  # evaluation reads the frames it names
+    with pytest.raises(ValueError, match="frames_per_asset=2"):
+        data.batch([0, 1, 2])
+    with pytest.raises(ConfigError, match="frames_per_asset"):
+        stage2_config.replace(frames_per_asset=3)  # batch 4 on one worker
+    trainer = Stage2Trainer(stage2_config.replace(frames_per_asset=2, out_dir=str(tmp_path / "fpa")),
+                            device=torch.device("cpu"))  # fmt: skip
+    assert math.isfinite(trainer.train_step()["total"])
 
 
 def test_training_lowers_the_loss_and_resumes_exactly(stage2_config: Stage2Config) -> None:

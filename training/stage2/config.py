@@ -3,7 +3,7 @@ AdamW, 5K-step linear warmup to 1e-4 then cosine, batch 48, bf16)."""
 
 import dataclasses
 
-from infra.config import LocalPath, NonNegativeInt, PositiveFloat, PositiveInt
+from infra.config import ConfigFieldError, LocalPath, NonNegativeInt, PositiveFloat, PositiveInt
 from training.run import TrainingConfig
 from training.stage2.losses import LossWeights
 from training.stage2.model import Stage2ModelConfig
@@ -16,6 +16,9 @@ class Stage2Config(TrainingConfig):
     out_dir: LocalPath = "runs/stage2"
     steps: PositiveInt = 500_000
     batch_size: PositiveInt = 48
+    frames_per_asset: PositiveInt = 1
+    """Samples of one asset in a training batch: each worker's batch is batch_size / num_workers / frames_per_asset
+    assets, each in that many (view, lighting) frames that share its intrinsic pass. 1: every sample drawn alone."""
     val_every: PositiveInt = 1000
     checkpoint_every: PositiveInt = 1000
     model: Stage2ModelConfig = dataclasses.field(default_factory=Stage2ModelConfig)
@@ -34,3 +37,13 @@ class Stage2Config(TrainingConfig):
     grad_clip: PositiveFloat = 1.0
     image_every: PositiveInt = 1000
     """TensorBoard image grids (prediction, truth, PBR maps, shadow) every this many steps."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        per_worker = self.batch_size // self.num_workers
+        if per_worker % self.frames_per_asset:
+            raise ConfigFieldError(
+                "frames_per_asset",
+                f"{self.frames_per_asset} does not divide the per-worker batch {per_worker} "
+                f"(batch_size {self.batch_size} over {self.num_workers} workers)",
+            )

@@ -2,7 +2,8 @@
 the HDR beauty, alpha, G-buffer and shadow, the camera, and the lighting encodings; per asset its LH-SLAT
 (and BC-SLAT). Frames are read one at a time (one chunk each), never the whole relight set.
 
-A batch of S samples decodes each distinct asset once (`Stage2Inputs.sample_asset`).
+A batch of S samples decodes each distinct asset once (`Stage2Inputs.sample_asset`); with `frames_per_asset` > 1,
+training batches draw that many frames of each asset, so its intrinsic pass serves them all.
 """
 
 import dataclasses
@@ -44,9 +45,10 @@ class Stage2Data:
     def __init__(
         self, release: Release, split: str, env_maps: EnvMapStore, *, with_bc_slat: bool = False,
         normalization: dict[str, LatentNormalization] | None = None, only_env_maps: set[str] | None = None,
-        without_env_maps: set[str] = frozenset(),
+        without_env_maps: set[str] = frozenset(), frames_per_asset: int = 1,
     ) -> None:  # fmt: skip
         self.release, self.env_maps, self.with_bc_slat = release, env_maps, with_bc_slat
+        self.frames_per_asset = frames_per_asset
         refuse_test_split(split)
         assets = release.split(split)
         if not assets:
@@ -60,6 +62,10 @@ class Stage2Data:
                 f"release {release.info['name']!r}: no env-map-lit relight frames in {split!r} are selected"
             )
         env_maps.require({f.env_map for f in self.frames}, where=f"the {split!r} relight frames")
+        self.asset_frames: dict[str, list[int]] = {}
+        """Indices into `frames` of each asset's frames."""
+        for i, frame in enumerate(self.frames):
+            self.asset_frames.setdefault(frame.asset, []).append(i)
         roles = (SLAT_LH, SLAT_BC) if with_bc_slat else (SLAT_LH,)
         self.normalization = normalization or {
             role: latent_statistics(release, assets, role) for role in roles
@@ -80,6 +86,31 @@ class Stage2Data:
         return len(self.frames)
 
     def batch(self, indices: list[int]) -> tuple[Stage2Inputs, Stage2Target]:
+        """A training batch from a run of the sample stream (`training.run.StepBatches`): `read(group(indices))`."""
+        return self.read(self.group(indices))
+
+    def group(self, indices: list[int]) -> list[int]:
+        """Each run of `frames_per_asset` draws becomes as many distinct frames (while the asset has them) of the
+        run's first draw's asset, picked by the other draws: assets stay drawn in proportion to their frames.
+
+        Raises:
+            ValueError: the draws do not split into runs of `frames_per_asset`.
+        """
+        k = self.frames_per_asset
+        if len(indices) % k:
+            raise ValueError(f"{len(indices)} draws do not split into runs of frames_per_asset={k}")
+        grouped = []
+        for start in range(0, len(indices), k):
+            first, *others = indices[start : start + k]
+            own, chosen = self.asset_frames[self.frames[first].asset], [first]
+            for draw in others:
+                free = [i for i in own if i not in chosen] or own
+                chosen.append(free[draw % len(free)])
+            grouped += chosen
+        return grouped
+
+    def read(self, indices: list[int]) -> tuple[Stage2Inputs, Stage2Target]:
+        """The frames at `indices`, as they are (evaluation reads these)."""
         frames = [self.frames[i] for i in indices]
         assets = list(dict.fromkeys(f.asset for f in frames))
         coords, latents = [], []

@@ -9,10 +9,12 @@ encoders' sparse transformers.
 - View embedding: NeRF encoding of the camera-space direction to each voxel centre plus a learned encoding of
   its distance, added to the intrinsic features.
 - Lighting Aware Decoder: blocks of cross-attention to the sample's lighting tokens and to its registers, then
-  an MLP.
+  an MLP. Every sample has as many lighting tokens and registers, so with `batched_cross_attention` all samples
+  attend in one call, their queries zero-padded to the largest sample (`RowGroups`): no mask, fused kernels.
 """
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +33,7 @@ from encoders.layers import (
 from encoders.sparse import SparseTensor
 from infra.config import FrozenConfig
 from infra.errors import ConfigError
-from training.stage2.gaussians import GL_FROM_CV, nerf_encoding
+from training.stage2.gaussians import gl_from_cv, nerf_encoding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +53,9 @@ class DecoderConfig(FrozenConfig):
     distance_frequencies: int = 8
     attention_backend: AttentionBackend = "auto"
     gradient_checkpointing: bool = False
+    batched_cross_attention: bool = True
+    """Lighting Aware Decoder: one attention call for all samples (queries padded to the largest sample) rather
+    than one per sample; the same result."""
 
     def __post_init__(self) -> None:
         if self.model_channels % self.num_heads:
@@ -61,6 +66,38 @@ class DecoderConfig(FrozenConfig):
     @property
     def input_channels(self) -> int:
         return self.latent_channels * (2 if self.with_bc_slat else 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowGroups:
+    """Rows grouped by sample (`rows[s]` consecutive rows of sample s), and their place in the zero-padded
+    (S, max(rows)) layout of the batched paths. Built once per batch, the only step that reads sizes on the host, so
+    the per-sample work after it never waits on the GPU (and CUDA graphs can capture it)."""
+
+    rows: list[int]
+    index: Int[Tensor, " M"] | None
+    """Position of each row in the flattened (S * max(rows)) layout; None when every sample has as many rows."""
+
+    @classmethod
+    def of(cls, rows: Sequence[int], device: torch.device) -> "RowGroups":
+        rows = [int(n) for n in rows]
+        if len(set(rows)) == 1:
+            return cls(rows, None)
+        width = max(rows)
+        index = torch.cat([torch.arange(n) + s * width for s, n in enumerate(rows)])
+        return cls(rows, index.to(device))
+
+    def pad(self, x: Float[Tensor, "M *D"]) -> Float[Tensor, "S W *D"]:
+        """Sample s's rows at [s, :rows[s]], zeros after them."""
+        if self.index is None:
+            return x.unflatten(0, (len(self.rows), -1))
+        width = max(self.rows)
+        padded = x.new_zeros(len(self.rows) * width, *x.shape[1:]).index_copy(0, self.index, x)
+        return padded.unflatten(0, (len(self.rows), width))
+
+    def unpad(self, x: Float[Tensor, "S W *D"]) -> Float[Tensor, "M *D"]:
+        flat = x.flatten(0, 1)
+        return flat if self.index is None else flat[self.index]
 
 
 def _norm(h: Tensor) -> Tensor:
@@ -152,9 +189,7 @@ class ViewEmbedding(nn.Module):
     ) -> Float[Tensor, "N C"]:  # fmt: skip
         """`w2c`: each voxel's sample's OpenCV world-to-camera matrix."""
         centre = (coords.float() + 0.5) / self.config.resolution - 0.5
-        camera = (torch.einsum("nij,nj->ni", w2c[:, :3, :3], centre) + w2c[:, :3, 3]) * w2c.new_tensor(
-            GL_FROM_CV
-        )
+        camera = gl_from_cv(torch.einsum("nij,nj->ni", w2c[:, :3, :3], centre) + w2c[:, :3, 3])
         distance = camera.norm(dim=-1, keepdim=True)
         angles = (
             distance
@@ -166,21 +201,39 @@ class ViewEmbedding(nn.Module):
         )
 
 
+def _batched_cross_attention(
+    attn: ObjectCrossAttention, h: Float[Tensor, "M C"], context: Float[Tensor, "S L C_ctx"], groups: RowGroups
+) -> Float[Tensor, "M C"]:  # fmt: skip
+    """`attn(h, context, groups.rows)` in one call: each sample's queries padded to the largest sample. Every
+    sample has L context tokens, so the padding needs no mask and SDPA keeps its fused kernels."""
+    q = groups.pad(attn.to_q(h)).unflatten(2, (attn.num_heads, -1))  # (S, W, H, D)
+    k, v = attn.to_kv(context.to(h.dtype)).unflatten(2, (2, attn.num_heads, -1)).unbind(2)  # (S, L, H, D)
+    attended = F.scaled_dot_product_attention(*(a.transpose(1, 2) for a in (q, k, v)))  # (S, H, W, D)
+    return attn.to_out(groups.unpad(attended.transpose(1, 2).flatten(2)))
+
+
 class LightingBlock(nn.Module):
     def __init__(self, config: DecoderConfig, lighting_channels: int) -> None:
         super().__init__()
         channels = config.model_channels
+        self.batched = config.batched_cross_attention
         self.lighting_attn = ObjectCrossAttention(channels, lighting_channels, config.num_heads)
         self.register_attn = ObjectCrossAttention(channels, channels, config.num_heads)
         self.mlp = Mlp(channels, int(channels * config.mlp_ratio))
 
     def forward(
-        self, h: Float[Tensor, "N C"], lighting: Float[Tensor, "S L C_l"], registers: Float[Tensor, "S R C"],
-        rows: list[int],
-    ) -> Float[Tensor, "N C"]:  # fmt: skip
-        h = h + self.lighting_attn(_norm(h), lighting, rows)
-        h = h + self.register_attn(_norm(h), _norm(registers), rows)
+        self, h: Float[Tensor, "M C"], lighting: Float[Tensor, "S L C_l"], registers: Float[Tensor, "S R C"],
+        groups: RowGroups,
+    ) -> Float[Tensor, "M C"]:  # fmt: skip
+        h = h + self._attend(self.lighting_attn, _norm(h), lighting, groups)
+        h = h + self._attend(self.register_attn, _norm(h), _norm(registers), groups)
         return h + self.mlp(_norm(h))
+
+    def _attend(
+        self, attn: ObjectCrossAttention, h: Float[Tensor, "M C"], context: Float[Tensor, "S L C_ctx"],
+        groups: RowGroups,
+    ) -> Float[Tensor, "M C"]:  # fmt: skip
+        return _batched_cross_attention(attn, h, context, groups) if self.batched else attn(h, context, groups.rows)
 
 
 class LightingAwareDecoder(nn.Module):
@@ -192,12 +245,12 @@ class LightingAwareDecoder(nn.Module):
         )
 
     def forward(
-        self, h: Float[Tensor, "N C"], lighting: Float[Tensor, "S L C_l"], registers: Float[Tensor, "S R C"],
-        rows: list[int],
-    ) -> Float[Tensor, "N C"]:  # fmt: skip
+        self, h: Float[Tensor, "M C"], lighting: Float[Tensor, "S L C_l"], registers: Float[Tensor, "S R C"],
+        groups: RowGroups,
+    ) -> Float[Tensor, "M C"]:  # fmt: skip
         """Rows are grouped by sample (S samples: one view and one lighting each)."""
         use_checkpoint = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            args = (h, lighting, registers, rows)
+            args = (h, lighting, registers, groups)
             h = checkpoint(block, *args, use_reentrant=False) if use_checkpoint else block(*args)
         return h

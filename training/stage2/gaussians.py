@@ -23,8 +23,6 @@ from infra.config import FrozenConfig
 from infra.errors import ConfigError
 from training.stage2.rasterizer import Splats, quaternion_to_matrix
 
-GL_FROM_CV = (1.0, -1.0, -1.0)
-"""OpenCV camera axes (y down, z forward) to OpenGL/Blender ones (y up, camera looks down -z), as E_dir uses."""
 FEATURE_CHANNELS = ("radiance", "base_color", "roughness", "metallic", "shadow")
 FEATURE_WIDTHS = {"radiance": 3, "base_color": 3, "roughness": 1, "metallic": 1, "shadow": 1}
 """What every splat carries into the rasterizer, in this order: 9 channels."""
@@ -60,22 +58,28 @@ class GaussianHeadsConfig(FrozenConfig):
 
 @dataclasses.dataclass(frozen=True)
 class IntrinsicGaussians:
-    """Per voxel (N) and Gaussian (K), in world units."""
+    """Per voxel (N) and Gaussian (K), in world units; with leading S when padded per sample (`RowGroups.pad`)."""
 
-    centres: Float[Tensor, "N K 3"]
-    base_color: Float[Tensor, "N K 3"]
-    roughness: Float[Tensor, "N K 1"]
-    metallic: Float[Tensor, "N K 1"]
-    scales: Float[Tensor, "N K 3"]
-    quats: Float[Tensor, "N K 4"]  # (w, x, y, z), unit
-    opacities: Float[Tensor, "N K"]
+    centres: Float[Tensor, "*S N K 3"]
+    base_color: Float[Tensor, "*S N K 3"]
+    roughness: Float[Tensor, "*S N K 1"]
+    metallic: Float[Tensor, "*S N K 1"]
+    scales: Float[Tensor, "*S N K 3"]
+    quats: Float[Tensor, "*S N K 4"]  # (w, x, y, z), unit
+    opacities: Float[Tensor, "*S N K"]
 
 
 @dataclasses.dataclass(frozen=True)
 class LightingAttributes:
-    color_feature: Float[Tensor, "N K F"]
-    scale_factor: Float[Tensor, "N K 3"]  # in [1/2, 2]
-    shadow: Float[Tensor, "N K 1"]  # in [0, 1]
+    color_feature: Float[Tensor, "*S N K F"]
+    scale_factor: Float[Tensor, "*S N K 3"]  # in [1/2, 2]
+    shadow: Float[Tensor, "*S N K 1"]  # in [0, 1]
+
+
+def gl_from_cv(x: Float[Tensor, "... 3"]) -> Float[Tensor, "... 3"]:
+    """OpenCV camera axes (y down, z forward) to OpenGL/Blender ones (y up, camera looks down -z), as E_dir uses.
+    Negates y and z without a host-side constant, so CUDA graphs can capture it."""
+    return torch.cat([x[..., :1], -x[..., 1:]], dim=-1)
 
 
 def nerf_encoding(x: Float[Tensor, "... 3"], frequencies: int) -> Float[Tensor, "... E"]:
@@ -173,33 +177,35 @@ class RadianceMlp(nn.Module):
 
 
 def camera_normals(
-    gaussians: IntrinsicGaussians, w2c: Float[Tensor, "4 4"]
-) -> Float[Tensor, "N K 3"]:  # fmt: skip
-    """Each Gaussian's shortest axis in OpenGL camera space, flipped to face the camera."""
-    rotation = quaternion_to_matrix(gaussians.quats)  # (N, K, 3, 3), columns are the axes
-    shortest = gaussians.scales.argmin(dim=-1)  # (N, K)
+    gaussians: IntrinsicGaussians, w2c: Float[Tensor, "*S 4 4"]
+) -> Float[Tensor, "*S N K 3"]:  # fmt: skip
+    """Each Gaussian's shortest axis in OpenGL camera space, flipped to face the camera. Batched: the Gaussians of
+    sample s (padded to a common N) go with camera s."""
+    rotation = quaternion_to_matrix(gaussians.quats)  # (*S, N, K, 3, 3), columns are the axes
+    shortest = gaussians.scales.argmin(dim=-1)  # (*S, N, K)
     normal_world = torch.take_along_dim(
         rotation, shortest[..., None, None].expand(*shortest.shape, 3, 1), dim=-1
     )[..., 0]
-    flip = w2c.new_tensor(GL_FROM_CV)
-    normal = (normal_world @ w2c[:3, :3].T) * flip
-    position = (gaussians.centres @ w2c[:3, :3].T + w2c[:3, 3]) * flip  # the camera sits at the origin
+    R, t = w2c[..., None, :3, :3].transpose(-1, -2), w2c[..., None, None, :3, 3]  # broadcast over N (and K)
+    normal = gl_from_cv(normal_world @ R)
+    position = gl_from_cv(gaussians.centres @ R + t)  # the camera sits at the origin
     facing = torch.where(((normal * position).sum(-1, keepdim=True) > 0), -1.0, 1.0)
     return normal * facing
 
 
 def splats_for_view(
-    gaussians: IntrinsicGaussians, lighting: LightingAttributes, radiance_mlp: RadianceMlp, w2c: Float[Tensor, "4 4"]
+    gaussians: IntrinsicGaussians, lighting: LightingAttributes, radiance_mlp: RadianceMlp, w2c: Float[Tensor, "*S 4 4"]
 ) -> Splats:  # fmt: skip
-    """The Gaussians of one (view, lighting) sample, flattened to N * K splats with FEATURE_CHANNELS."""
+    """The Gaussians of one (view, lighting) sample, flattened to N * K splats with FEATURE_CHANNELS; or of S
+    samples at once, each padded to N voxels (padding of zero opacity, which the rasterizer skips)."""
     radiance = radiance_mlp(camera_normals(gaussians, w2c), lighting.color_feature)
     features = torch.cat(
         [radiance, gaussians.base_color, gaussians.roughness, gaussians.metallic, lighting.shadow], dim=-1
     )
     return Splats(
-        means=gaussians.centres.flatten(0, 1),
-        quats=gaussians.quats.flatten(0, 1),
-        scales=(gaussians.scales * lighting.scale_factor).flatten(0, 1),
-        opacities=gaussians.opacities.flatten(0, 1),
-        features=features.flatten(0, 1),
+        means=gaussians.centres.flatten(-3, -2),
+        quats=gaussians.quats.flatten(-3, -2),
+        scales=(gaussians.scales * lighting.scale_factor).flatten(-3, -2),
+        opacities=gaussians.opacities.flatten(-2),
+        features=features.flatten(-3, -2),
     )

@@ -6,6 +6,10 @@
     multi-scale fusion: every scale upsampled to stride 4 and summed
     self-attention blocks with 2-D RoPE and RMSNorm  ->  tokens (B, H/4 * W/4, width)
 
+Only E_dir depends on the camera (it is the map's directions in camera space): the ConvNeXt features of E_ldr and
+E_log, projected to the token width (`encode_maps`), serve every view of a map, and `tokens` adds the direction
+tokens, the cross-attention, the fusion and the self-attention per view.
+
 At the paper's size a 256 x 256 map gives 64 x 64 = 4096 tokens of width 768. The ConvNeXt follows timm's
 layout (stem, stages with a 2x2 stride-2 downsampling, blocks of depthwise 7x7 conv, LayerNorm, MLP and layer
 scale); it is trained from scratch, as no pretrained weights can be fetched here and its input is not an
@@ -147,6 +151,14 @@ class SelfAttentionBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+@dataclasses.dataclass(frozen=True)
+class MapFeatures:
+    """The camera-independent part of the tokenizer for B maps: per ConvNeXt stage s (stride 4 * 2^s), its
+    features of [E_ldr, E_log] projected to the token width, (B, H/stride * W/stride, width)."""
+
+    scales: tuple[Float[Tensor, "B _ width"], ...]
+
+
 class DirectionFusion(nn.Module):
     """One scale: feature tokens attend to the NeRF-encoded camera-space directions of the same scale."""
 
@@ -158,14 +170,18 @@ class DirectionFusion(nn.Module):
         self.norm = nn.RMSNorm(width, eps=1e-6)
         self.attn = DenseAttention(width, num_heads)
 
+    def project(self, features: Float[Tensor, "B C h w"]) -> Float[Tensor, "B L width"]:
+        return self.feature_proj(features.flatten(2).transpose(1, 2))
+
     def forward(
-        self, features: Float[Tensor, "B C h w"], directions: Float[Tensor, "B 3 H W"]
-    ) -> Float[Tensor, "B L width"]:  # fmt: skip
-        size = features.shape[-2:]
-        pooled = F.normalize(F.adaptive_avg_pool2d(directions, size), dim=1)
+        self, features: Float[Tensor, "B L width"], grid: tuple[int, int], directions: Float[Tensor, "S 3 H W"]
+    ) -> Float[Tensor, "S L width"]:  # fmt: skip
+        """`features` of this scale's (rows, cols) `grid`, from `project`; B is S, or 1 for one map seen by S
+        cameras."""
+        pooled = F.normalize(F.adaptive_avg_pool2d(directions, grid), dim=1)
         context = self.direction_proj(nerf_encoding(pooled.flatten(2).transpose(1, 2), self.frequencies))
-        tokens = self.feature_proj(features.flatten(2).transpose(1, 2)) + context
-        return tokens + self.attn(self.norm(tokens), context, tuple(size))
+        tokens = features + context
+        return tokens + self.attn(self.norm(tokens), context, grid)
 
 
 class LightingTokenizer(nn.Module):
@@ -186,15 +202,29 @@ class LightingTokenizer(nn.Module):
     def forward(
         self, ldr: Float[Tensor, "B 3 H W"], log: Float[Tensor, "B 3 H W"], direction: Float[Tensor, "B 3 H W"]
     ) -> Float[Tensor, "B L width"]:  # fmt: skip
-        if tuple(ldr.shape[-2:]) != tuple(self.config.map_size):
-            raise ValueError(f"environment maps must be {self.config.map_size}, got {tuple(ldr.shape[-2:])}")
-        grid = (ldr.shape[-2] // 4, ldr.shape[-1] // 4)
+        return self.tokens(self.encode_maps(ldr, log), direction)
+
+    def encode_maps(self, ldr: Float[Tensor, "B 3 H W"], log: Float[Tensor, "B 3 H W"]) -> MapFeatures:
+        """What does not depend on the camera: compute once per map, then `tokens` per view."""
+        self._check_size(ldr)
+        features = self.convnext(torch.cat([ldr, log], dim=1))
+        return MapFeatures(tuple(fusion.project(f) for f, fusion in zip(features, self.fusions)))
+
+    def tokens(self, maps: MapFeatures, direction: Float[Tensor, "S 3 H W"]) -> Float[Tensor, "S L width"]:
+        """The lighting tokens of S views: `maps` holds S maps, or one map that every view sees."""
+        self._check_size(direction)
+        height, width = direction.shape[-2:]
+        tokens_grid = (height // 4, width // 4)
         fused = 0.0
-        for features, fusion in zip(self.convnext(torch.cat([ldr, log], dim=1)), self.fusions):
-            tokens = fusion(features, direction)  # (B, h w, width)
-            scale_map = tokens.transpose(1, 2).unflatten(2, features.shape[-2:])
-            fused = fused + F.interpolate(scale_map, size=grid, mode="bilinear", align_corners=False)
+        for s, (features, fusion) in enumerate(zip(maps.scales, self.fusions)):
+            grid = (height // (4 << s), width // (4 << s))
+            scale_map = fusion(features, grid, direction).transpose(1, 2).unflatten(2, grid)
+            fused = fused + F.interpolate(scale_map, size=tokens_grid, mode="bilinear", align_corners=False)
         x = self.fusion_norm(fused.flatten(2).transpose(1, 2))
         for block in self.blocks:
-            x = block(x, grid)
+            x = block(x, tokens_grid)
         return self.out_norm(x)
+
+    def _check_size(self, maps: Float[Tensor, "B C H W"]) -> None:
+        if tuple(maps.shape[-2:]) != tuple(self.config.map_size):
+            raise ValueError(f"environment maps must be {self.config.map_size}, got {tuple(maps.shape[-2:])}")

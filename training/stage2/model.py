@@ -5,9 +5,15 @@ sample s shows. The intrinsic part (decoder, intrinsic head) runs once per asset
 view embedding, the Lighting Aware Decoder, the lighting head, the radiance MLP and the rasterizer run per
 sample. So several views of one asset in a batch share their intrinsic pass, and rendering a new view or
 lighting of a decoded asset costs only the per-sample part.
+
+Fast paths, each behind a flag so the benchmark times both sides and tests compare them (same outputs to float
+tolerance): `decoder.batched_cross_attention`, `batched_rasterizer` (one rasterizer call for all samples), and for
+inference `ViewRenderer`, which keeps a decoded asset and its maps' camera-independent tokenizer features and runs
+only the per-view part, optionally replayed from a CUDA graph (`ViewRendererConfig`).
 """
 
 import dataclasses
+import itertools
 from typing import Any
 
 import torch
@@ -16,7 +22,13 @@ from torch import Tensor, nn
 
 from encoders.sparse import SparseTensor
 from infra.config import FrozenConfig
-from training.stage2.decoders import DecoderConfig, IntrinsicAwareDecoder, LightingAwareDecoder, ViewEmbedding
+from training.stage2.decoders import (
+    DecoderConfig,
+    IntrinsicAwareDecoder,
+    LightingAwareDecoder,
+    RowGroups,
+    ViewEmbedding,
+)
 from training.stage2.gaussians import (
     FEATURE_CHANNELS,
     FEATURE_WIDTHS,
@@ -28,8 +40,8 @@ from training.stage2.gaussians import (
     RadianceMlp,
     splats_for_view,
 )
-from training.stage2.lighting_tokenizer import LightingTokenizer, LightingTokenizerConfig
-from training.stage2.rasterizer import Camera, RasterBackend, rasterize
+from training.stage2.lighting_tokenizer import LightingTokenizer, LightingTokenizerConfig, MapFeatures
+from training.stage2.rasterizer import Camera, RasterBackend, Splats, rasterize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +52,20 @@ class Stage2ModelConfig(FrozenConfig):
     tokenizer: LightingTokenizerConfig = dataclasses.field(default_factory=LightingTokenizerConfig)
     heads: GaussianHeadsConfig = dataclasses.field(default_factory=GaussianHeadsConfig)
     rasterizer: RasterBackend = "auto"
+    batched_rasterizer: bool = True
+    """Rasterize all samples in one call (each sample's Gaussians padded to the largest sample with zero opacity)
+    rather than one call per sample; the same images."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewRendererConfig(FrozenConfig):
+    """What `ViewRenderer` reuses between views."""
+
+    reuse_map_features: bool = True
+    """Encode each map's E_ldr and E_log once: only E_dir depends on the camera."""
+    cuda_graph: bool = True
+    """On CUDA, replay the per-view decoder (lighting tokens to splats, not the rasterizer) from a CUDA graph
+    captured on the first view: one launch instead of one per operation."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +87,16 @@ class Stage2Inputs:
         }
         slat = SparseTensor(self.slat.coords.to(device), self.slat.feats.to(device))
         return dataclasses.replace(self, slat=slat, **moved)
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleRows:
+    """Which rows of the assets' voxels each sample uses, grouped by sample. Built once per batch (it reads sizes on
+    the host); the per-sample work after it never waits on the GPU."""
+
+    gather: Int[Tensor, " M"]  # row of the assets' voxels
+    sample: Int[Tensor, " M"]  # sample of each row
+    groups: RowGroups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,56 +145,163 @@ class Stage2Model(nn.Module):
         features, registers = self.intrinsic_decoder(slat)
         return features, registers, self.intrinsic_head(features, slat.coords[:, 1:])
 
+    def encode_env_maps(self, env_ldr: Float[Tensor, "B 3 He We"], env_log: Float[Tensor, "B 3 He We"]) -> MapFeatures:
+        """Once per map: the lighting tokenizer's camera-independent part."""
+        return self.tokenizer.encode_maps(env_ldr, env_log)
+
+    def sample_rows(self, coords: Int[Tensor, "N 4"], sample_asset: Int[Tensor, " S"]) -> SampleRows:
+        """Which voxel rows each sample uses: once per batch, the one step that waits on the GPU."""
+        assets = sample_asset.tolist()
+        counts = torch.bincount(coords[:, 0].long().cpu(), minlength=max(assets) + 1).tolist()
+        starts = [0, *itertools.accumulate(counts)]
+        gather = torch.cat([torch.arange(starts[a], starts[a] + counts[a]) for a in assets])
+        sample = torch.repeat_interleave(torch.arange(len(assets)), torch.tensor([counts[a] for a in assets]))
+        groups = RowGroups.of([counts[a] for a in assets], coords.device)
+        return SampleRows(gather.to(coords.device), sample.to(coords.device), groups)
+
     def decode_lighting(
         self, inputs: Stage2Inputs, features: Float[Tensor, "N C"], registers: Float[Tensor, "A R C"]
-    ) -> tuple[Int[Tensor, " M"], list[int], LightingAttributes]:  # fmt: skip
-        """Per sample: the rows of `features` it uses (grouped by sample), their counts, and its lighting-aware
+    ) -> tuple[Int[Tensor, " M"], RowGroups, LightingAttributes]:  # fmt: skip
+        """Per sample: the rows of `features` it uses (grouped by sample), their groups, and its lighting-aware
         attributes."""
-        coords = inputs.slat.coords
-        counts = torch.bincount(coords[:, 0].long(), minlength=registers.shape[0])
-        starts = torch.cumsum(counts, 0) - counts
-        rows = [int(counts[a]) for a in inputs.sample_asset.tolist()]
-        gather = torch.cat([torch.arange(int(starts[a]), int(starts[a]) + n, device=coords.device)
-                            for a, n in zip(inputs.sample_asset.tolist(), rows)])  # fmt: skip
-        sample_of_row = torch.repeat_interleave(
-            torch.arange(len(rows), device=coords.device), torch.tensor(rows, device=coords.device)
+        rows = self.sample_rows(inputs.slat.coords, inputs.sample_asset)
+        maps = self.encode_env_maps(inputs.env_ldr, inputs.env_log)
+        lighting = self._decode_lighting(
+            inputs.slat.coords, rows, features, registers[inputs.sample_asset], maps, inputs.w2c, inputs.env_dir
         )
-        tokens = self.tokenizer(inputs.env_ldr, inputs.env_log, inputs.env_dir)  # (S, L, C_l)
-        h = features[gather] + self.view_embedding(coords[gather, 1:], inputs.w2c[sample_of_row]).to(
-            features.dtype
-        )
-        h = self.lighting_decoder(h, tokens.to(h.dtype), registers[inputs.sample_asset], rows)
-        return gather, rows, self.lighting_head(h)
+        return rows.gather, rows.groups, lighting
+
+    def _decode_lighting(
+        self, coords: Int[Tensor, "N 4"], rows: SampleRows, features: Float[Tensor, "N C"],
+        registers: Float[Tensor, "S R C"], maps: MapFeatures, w2c: Float[Tensor, "S 4 4"],
+        env_dir: Float[Tensor, "S 3 He We"],
+    ) -> LightingAttributes:  # fmt: skip
+        """The per-sample decoder, free of host syncs (so a CUDA graph can capture it)."""
+        tokens = self.tokenizer.tokens(maps, env_dir)  # (S, L, C_l)
+        embedding = self.view_embedding(coords[rows.gather, 1:], w2c[rows.sample])
+        h = features[rows.gather] + embedding.to(features.dtype)
+        return self.lighting_head(self.lighting_decoder(h, tokens.to(h.dtype), registers, rows.groups))
 
     def forward(self, inputs: Stage2Inputs) -> Stage2Render:
         features, registers, gaussians = self.decode_intrinsic(inputs.slat)
-        gather, rows, lighting = self.decode_lighting(inputs, features, registers)
-        return self.render(inputs, take(gaussians, gather), lighting, rows)
+        gather, groups, lighting = self.decode_lighting(inputs, features, registers)
+        return self.render(inputs, take(gaussians, gather), lighting, groups)
 
     def render(
-        self, inputs: Stage2Inputs, gaussians: IntrinsicGaussians, lighting: LightingAttributes, rows: list[int]
+        self, inputs: Stage2Inputs, gaussians: IntrinsicGaussians, lighting: LightingAttributes, groups: RowGroups
     ) -> Stage2Render:  # fmt: skip
         """Rasterize each sample's Gaussians (rows grouped by sample) in float32."""
-        height, width = inputs.image_size
-        images, alphas, scales, opacities = [], [], [], []
-        for s, (sample_gaussians, sample_lighting) in enumerate(
-            zip(_split(gaussians, rows), _split(lighting, rows))
-        ):
-            w2c = inputs.w2c[s].float()
-            splats = splats_for_view(sample_gaussians, sample_lighting, self.radiance_mlp, w2c)
-            camera = Camera(w2c=w2c, K=inputs.K[s].float(), width=width, height=height)
-            image, alpha = rasterize(splats, camera, backend=self.config.rasterizer)
-            images.append(image)
-            alphas.append(alpha)
-            scales.append(splats.scales)
-            opacities.append(splats.opacities)
-        buffers = torch.stack(images).split([FEATURE_WIDTHS[name] for name in FEATURE_CHANNELS], dim=-1)
-        return Stage2Render(
-            **dict(zip(FEATURE_CHANNELS, buffers)),
-            alpha=torch.stack(alphas),
-            scales=torch.cat(scales),
-            opacities=torch.cat(opacities),
-        )
+        w2c = inputs.w2c.float()
+        return self._rasterize(self.splats(gaussians, lighting, groups, w2c), groups, w2c, inputs.K.float(),
+                               inputs.image_size)  # fmt: skip
+
+    def splats(
+        self, gaussians: IntrinsicGaussians, lighting: LightingAttributes, groups: RowGroups,
+        w2c: Float[Tensor, "S 4 4"],
+    ) -> Splats | list[Splats]:  # fmt: skip
+        """With `batched_rasterizer`, the S samples' splats padded to (S, max rows * K); else one Splats each."""
+        if self.config.batched_rasterizer:
+            return splats_for_view(_pad(gaussians, groups), _pad(lighting, groups), self.radiance_mlp, w2c)
+        pieces = zip(_split(gaussians, groups.rows), _split(lighting, groups.rows))
+        return [splats_for_view(g, light, self.radiance_mlp, w2c[s]) for s, (g, light) in enumerate(pieces)]
+
+    def _rasterize(
+        self, splats: Splats | list[Splats], groups: RowGroups, w2c: Float[Tensor, "S 4 4"], K: Float[Tensor, "S 3 3"],
+        image_size: tuple[int, int],
+    ) -> Stage2Render:  # fmt: skip
+        height, width = image_size
+        backend = self.config.rasterizer
+        if isinstance(splats, Splats):
+            images, alphas = rasterize(splats, Camera(w2c=w2c, K=K, width=width, height=height), backend=backend)
+            per_voxel = self.config.heads.gaussians_per_voxel
+            scales = groups.unpad(splats.scales.unflatten(1, (-1, per_voxel))).flatten(0, 1)
+            opacities = groups.unpad(splats.opacities.unflatten(1, (-1, per_voxel))).flatten()
+        else:
+            rendered = [
+                rasterize(sample, Camera(w2c=w2c[s], K=K[s], width=width, height=height), backend=backend)
+                for s, sample in enumerate(splats)
+            ]
+            images, alphas = (torch.stack(parts) for parts in zip(*rendered))
+            scales = torch.cat([sample.scales for sample in splats])
+            opacities = torch.cat([sample.opacities for sample in splats])
+        buffers = images.split([FEATURE_WIDTHS[name] for name in FEATURE_CHANNELS], dim=-1)
+        return Stage2Render(**dict(zip(FEATURE_CHANNELS, buffers)), alpha=alphas, scales=scales, opacities=opacities)
+
+
+class ViewRenderer:
+    """Views of decoded assets under fixed environment maps, reusing what does not change between views: the
+    intrinsic pass runs here once, and (with `reuse_map_features`) the maps' camera-independent tokenizer features;
+    each call runs the per-view part, replayed from a CUDA graph with `cuda_graph` on CUDA.
+
+    Calls follow the autocast in force. A CUDA graph is captured on the first call and replayed by every later one;
+    a render's `scales` and `opacities` may then share the graph's buffers, which the next call overwrites.
+    """
+
+    def __init__(
+        self, model: Stage2Model, slat: SparseTensor, sample_asset: Int[Tensor, " S"],
+        env_ldr: Float[Tensor, "B 3 He We"], env_log: Float[Tensor, "B 3 He We"], *,
+        config: ViewRendererConfig = ViewRendererConfig(),
+    ) -> None:  # fmt: skip
+        """`env_ldr`, `env_log`: B = S maps (one per sample), or one map that every sample sees."""
+        self.model, self.config, self.coords = model, config, slat.coords
+        features, registers, gaussians = model.decode_intrinsic(slat)
+        self.rows = model.sample_rows(slat.coords, sample_asset)
+        self.features, self.registers = features, registers[sample_asset]
+        self.gaussians = take(gaussians, self.rows.gather)
+        self.env = (env_ldr, env_log)
+        self.maps = model.encode_env_maps(env_ldr, env_log) if config.reuse_map_features else None
+        self.use_graph = config.cuda_graph and features.is_cuda
+        self.graph: tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Splats | list[Splats]] | None = None
+
+    def __call__(
+        self, w2c: Float[Tensor, "S 4 4"], K: Float[Tensor, "S 3 3"], env_dir: Float[Tensor, "S 3 He We"],
+        image_size: tuple[int, int],
+    ) -> Stage2Render:  # fmt: skip
+        """The buffers of S views (OpenCV `w2c`, pixel `K`); `env_dir` is each sample's map directions in its
+        camera's frame (`encode_env_map`)."""
+        w2c = w2c.float()
+        if not self.use_graph:
+            splats = self._splats(w2c, env_dir)
+        else:
+            if self.graph is None:
+                self.graph = self._capture(w2c, env_dir)
+            graph, static_w2c, static_env_dir, splats = self.graph
+            static_w2c.copy_(w2c)
+            static_env_dir.copy_(env_dir)
+            graph.replay()
+        return self.model._rasterize(splats, self.rows.groups, w2c, K.float(), image_size)
+
+    def _splats(self, w2c: Float[Tensor, "S 4 4"], env_dir: Float[Tensor, "S 3 He We"]) -> Splats | list[Splats]:
+        model = self.model
+        maps = self.maps if self.maps is not None else model.encode_env_maps(*self.env)
+        lighting = model._decode_lighting(self.coords, self.rows, self.features, self.registers, maps, w2c, env_dir)
+        return model.splats(self.gaussians, lighting, self.rows.groups, w2c)
+
+    def _capture(
+        self, w2c: Float[Tensor, "S 4 4"], env_dir: Float[Tensor, "S 3 He We"]
+    ) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Splats | list[Splats]]:  # fmt: skip
+        """Warm up on a side stream, then capture `_splats` on static inputs. Autocast's weight cache is off while
+        capturing: the graph must own the casts it replays."""
+        static_w2c, static_env_dir = w2c.clone(), env_dir.clone()
+        dtype, enabled = torch.get_autocast_dtype("cuda"), torch.is_autocast_enabled("cuda")
+        with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._splats(static_w2c, static_env_dir)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                splats = self._splats(static_w2c, static_env_dir)
+        return graph, static_w2c, static_env_dir, splats
+
+
+def _pad(fields: Any, groups: RowGroups) -> Any:
+    """Per-row fields as (S, max rows, ...), zeros after each sample's rows (zero opacity: not rendered)."""
+    return dataclasses.replace(
+        fields, **{f.name: groups.pad(getattr(fields, f.name)) for f in dataclasses.fields(fields)}
+    )
 
 
 def _split(fields: Any, rows: list[int]) -> list[Any]:

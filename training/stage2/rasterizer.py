@@ -9,6 +9,10 @@
   blending only the Gaussians whose opacity-aware extent reaches it; each tile is dense, O(256 N_tile) memory.
 - `auto`: `gsplat` on CUDA tensors, else `torch`.
 
+Batched: S cameras, each with its own set of N Gaussians (`*S` leading axes), render in one gsplat call (its
+batched-scene mode: means (S, N, 3) with viewmats (S, 1, 4, 4)); the reference renders them one at a time. Sets of
+different sizes are padded to a common N with zero-opacity Gaussians, which both backends skip (alpha < 1/255).
+
 Channels are arbitrary post-activation features (radiance, PBR maps, shadow), blended with the same weights;
 images come out on a black background (premultiplied), as the factory's renders are stored.
 """
@@ -32,23 +36,23 @@ TILE = 16
 
 @dataclasses.dataclass(frozen=True)
 class Camera:
-    """One pinhole camera in OpenCV convention (x right, y down, z forward)."""
+    """One pinhole camera, or a batch of S, in OpenCV convention (x right, y down, z forward)."""
 
-    w2c: Float[Tensor, "4 4"]
-    K: Float[Tensor, "3 3"]  # pixel units
+    w2c: Float[Tensor, "*S 4 4"]
+    K: Float[Tensor, "*S 3 3"]  # pixel units
     width: int
     height: int
 
 
 @dataclasses.dataclass(frozen=True)
 class Splats:
-    """N Gaussians with post-activation attributes, in world units."""
+    """N Gaussians with post-activation attributes, in world units; S sets of N for a batch of S cameras."""
 
-    means: Float[Tensor, "N 3"]
-    quats: Float[Tensor, "N 4"]  # (w, x, y, z), normalised inside
-    scales: Float[Tensor, "N 3"]  # standard deviations along the rotated axes
-    opacities: Float[Tensor, " N"]
-    features: Float[Tensor, "N D"]
+    means: Float[Tensor, "*S N 3"]
+    quats: Float[Tensor, "*S N 4"]  # (w, x, y, z), normalised inside
+    scales: Float[Tensor, "*S N 3"]  # standard deviations along the rotated axes
+    opacities: Float[Tensor, "*S N"]
+    features: Float[Tensor, "*S N D"]
 
 
 def rasterize(
@@ -58,8 +62,9 @@ def rasterize(
     backend: RasterBackend = "auto",
     eps2d: float = 0.3,
     near_plane: float = 0.01,
-) -> tuple[Float[Tensor, "H W D"], Float[Tensor, "H W 1"]]:
-    """Blend `splats` into `camera`'s image: (features, alpha), features premultiplied (black background).
+) -> tuple[Float[Tensor, "*S H W D"], Float[Tensor, "*S H W 1"]]:
+    """Blend `splats` into `camera`'s image: (features, alpha), features premultiplied (black background). With a
+    batch of S cameras, splat set s goes into camera s's image.
 
     Raises:
         ConfigError: unknown backend, or `gsplat` asked for on tensors that are not on CUDA.
@@ -74,32 +79,43 @@ def rasterize(
                 f"the gsplat rasterizer needs CUDA tensors, got tensors on {splats.means.device}"
             )
         return _rasterize_gsplat(splats, camera, eps2d=eps2d, near_plane=near_plane)
-    return _rasterize_torch(splats, camera, eps2d=eps2d, near_plane=near_plane)
+    if camera.w2c.ndim == 2:
+        return _rasterize_torch(splats, camera, eps2d=eps2d, near_plane=near_plane)
+    images, alphas = zip(*(
+        _rasterize_torch(_index(splats, s), _index(camera, s), eps2d=eps2d, near_plane=near_plane)
+        for s in range(camera.w2c.shape[0])
+    ))  # fmt: skip
+    return torch.stack(images), torch.stack(alphas)
+
+
+def _index(fields: Splats | Camera, s: int) -> Splats | Camera:
+    tensors = {f.name: getattr(fields, f.name) for f in dataclasses.fields(fields)}
+    return dataclasses.replace(fields, **{k: v[s] for k, v in tensors.items() if isinstance(v, Tensor)})
 
 
 def _rasterize_gsplat(
     splats: Splats, camera: Camera, *, eps2d: float, near_plane: float
-) -> tuple[Float[Tensor, "H W D"], Float[Tensor, "H W 1"]]:
+) -> tuple[Float[Tensor, "*S H W D"], Float[Tensor, "*S H W 1"]]:
     import gsplat  # CUDA only; imported here so CPU machines never trigger its JIT build
 
-    features, alphas, _ = gsplat.rasterization(
+    features, alphas, _ = gsplat.rasterization(  # one camera per splat set: (*S, 1, H, W, D)
         splats.means.float().contiguous(),
         splats.quats.float().contiguous(),
         splats.scales.float().contiguous(),
         splats.opacities.float().contiguous(),
         splats.features.float().contiguous(),
-        camera.w2c.float()[None].contiguous(),
-        camera.K.float()[None].contiguous(),
+        camera.w2c.float()[..., None, :, :].contiguous(),
+        camera.K.float()[..., None, :, :].contiguous(),
         camera.width,
         camera.height,
         near_plane=near_plane,
         eps2d=eps2d,
         packed=False,
     )
-    return features[0], alphas[0]
+    return features.squeeze(-4), alphas.squeeze(-4)
 
 
-def quaternion_to_matrix(quats: Float[Tensor, "N 4"]) -> Float[Tensor, "N 3 3"]:
+def quaternion_to_matrix(quats: Float[Tensor, "... 4"]) -> Float[Tensor, "... 3 3"]:
     """Rotation matrices of (w, x, y, z) quaternions, normalised first."""
     w, x, y, z = F.normalize(quats, dim=-1).unbind(-1)
     rows = (

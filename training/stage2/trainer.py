@@ -67,8 +67,9 @@ class Stage2Trainer:
         held_out = {self.env_maps.digest_of(name) for name in config.held_out_env_maps}
         held_out |= set(self.release.info.get("held_out_env_maps", {}).values())  # the release's, for eval
         self.train_data = Stage2Data(
-            self.release, "train", self.env_maps, with_bc_slat=config.model.decoder.with_bc_slat, without_env_maps=held_out
-        )
+            self.release, "train", self.env_maps, with_bc_slat=config.model.decoder.with_bc_slat,
+            without_env_maps=held_out, frames_per_asset=config.frames_per_asset,
+        )  # fmt: skip
         self.normalization = self.train_data.normalization
         self.val_sets: dict[
             str, Stage2Data
@@ -168,7 +169,7 @@ class Stage2Trainer:
         the factory's renders, averaged over the given frames."""
         totals: dict[str, float] = {}
         for start in range(0, len(indices), batch_size):
-            inputs, target = data.batch(indices[start : start + batch_size])
+            inputs, target = data.read(indices[start : start + batch_size])
             inputs, target = inputs.to(self.device), target.to(self.device)
             render = self.render(inputs, network=self.model)
             black = torch.zeros(len(indices[start : start + batch_size]), 1, 1, 1, device=self.device)
