@@ -1,8 +1,10 @@
 """Build benchmarks: a real config build end to end, or the driver's data path at paper sizes.
 
-End to end: assets per hour and compute time per step, from the build's own records.
+End to end: assets per hour and compute time per step, from the build's own records, with GPU and CPU
+utilization sampled every second.
 
     python benchmarks/build.py --config near-demo/build.yaml --out benchmarks/results/build_demo_cpu.json
+    python benchmarks/build.py --config /tmp/paper/build.yaml --keep --out build_h100.json   # benchmarks/gpu_node
 
 Runs one build of the config into a fresh data root (so everything is computed, nothing reused) and records
 wall time, assets per hour, and per step the summed compute seconds of the actor calls (renders and encodes
@@ -48,8 +50,10 @@ import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.monitor import UtilizationSampler
 from pipelines.build import run_build
 from pipelines.build_config import BuildConfig
+from pipelines.report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
 MiB, GiB = 1 << 20, 1 << 30
@@ -76,23 +80,41 @@ ArraySchema = Sequence[tuple[str, str, tuple[int, ...]]]
 # -- the end-to-end benchmark --------------------------------------------------------------------------------
 
 
-def end_to_end(config_path: Path, out: Path) -> None:
+def end_to_end(config_path: Path, out: Path, keep: bool) -> None:
+    """One build of the config; with `keep`, into its own data root with its release (to verify and look at),
+    else into a fresh temporary one without a release. GPU and CPU utilization are sampled throughout: the
+    stretches where the GPU idles are the build's serial parts (start-up, model loading, the last encodes)."""
     config = BuildConfig.from_yaml(config_path)
     with tempfile.TemporaryDirectory() as tmp:
-        fresh = dataclasses.replace(
-            config, data_root=Path(tmp) / "data", release=dataclasses.replace(config.release, name=None)
-        )
-        record = run_build(fresh)
+        if not keep:
+            config = dataclasses.replace(
+                config, data_root=Path(tmp) / "data", release=dataclasses.replace(config.release, name=None)
+            )
+        with UtilizationSampler(interval_s=1.0) as usage:
+            record = run_build(config)
+        report = write_report(record, config.data_root) if keep else None
     assets = len({*record.asset_seconds})
     computed = record.computed_by_step()
+    busy = [t for t, value in usage.gpu if value > 0.05]
     result = {
         "config": str(config_path),
-        "machine": platform.processor() or platform.machine(),
+        "command": " ".join(sys.argv),
+        "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                    "gpu": _gpu_name()},
         "python": platform.python_version(),
         "assets": assets,
         "wall_s": record.seconds,
         "assets_per_hour": assets / record.seconds * 3600,
+        "utilization": {
+            **usage.summary(),
+            "gpu_first_busy_s": busy[0] if busy else None,
+            "gpu_last_busy_s": busy[-1] if busy else None,
+            "gpu_busy_between_first_and_last": usage.mean(usage.gpu, busy[0], busy[-1]) if busy else None,
+            "gpu_series": usage.gpu,
+            "cpu_series": usage.cpu,
+        },
         "recipes": {name: recipe.to_dict() for name, recipe in config.recipes.items()},
+        "execution": dataclasses.asdict(config.execution),
         "steps": {
             step: {
                 "computed": computed.get(step, {}),
@@ -101,11 +123,22 @@ def end_to_end(config_path: Path, out: Path) -> None:
             }
             for step in record.planned
         },
-        "failures": len(record.failures),
+        "failures": [{k: f[k] for k in ("asset_id", "step", "reason")} for f in record.failures],
+        "release": record.release,
+        "report": str(report) if report else None,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: result[k] for k in ("assets", "wall_s", "assets_per_hour")}), f"-> {out}")
+    out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    print(json.dumps({k: result[k] for k in ("assets", "wall_s", "assets_per_hour")}),
+          json.dumps({k: v for k, v in result["utilization"].items() if not k.endswith("series")}), f"-> {out}")
+
+
+def _gpu_name() -> str | None:
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+    except FileNotFoundError:
+        return None
+    return smi.stdout.strip() or None
 
 
 # -- synthetic render sets -----------------------------------------------------------------------------------
@@ -531,10 +564,11 @@ def main() -> None:
     mode.add_argument("--config", type=Path, help="end to end: build this config")
     mode.add_argument("--data-path", action="store_true", help="the driver's data path at paper sizes")
     parser.add_argument("--assets", type=int, default=40, help="--data-path: assets to build")
+    parser.add_argument("--keep", action="store_true", help="--config: build into its data root, with its release")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.config:
-        end_to_end(args.config, args.out)
+        end_to_end(args.config, args.out, args.keep)
     else:
         data_path(args.assets, args.out, ClusterShape())
 

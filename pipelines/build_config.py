@@ -143,8 +143,9 @@ class ExecutionConfig(FrozenConfig):
     encoder_gpus: NonNegativeFloat = 0.0
     """GPU share of each encoder actor; 0 runs them on CPU."""
     encoders_per_node: PositiveInt = 1
-    """Encoder actors per node that renders `lh` sets (one H100 encodes an asset in about 2.3 s, while 8 H100s
-    render about one asset per second: two per 8-GPU node keep up)."""
+    """Encoder actors per node that renders `lh` sets. Measured on one H100 at paper sizes (`docs/benchmarks.md`):
+    its 12 render children take 12.5 s per asset and one encoder actor 11.8 s (8 of them sampling Z_s), so one
+    actor per GPU only just keeps up: give each GPU two."""
     max_in_flight: PositiveInt = 8
     """Assets between render and commit at any time."""
     commit_every: PositiveInt = 64

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: take this call's part (unpack.sh), then run the named benchmarks, results under
+# $OUT (default ./gpu-node-out). Each name is one measurement of docs/benchmarks.md:
+#   stage2   Stage 2 decoder frames per second and training samples per second, every speed path on and off
+#   encode   the encoder step on one paper-size asset, reading EXR and npy frames
+#   render   the project's lh renders against the plain bpy script at 1, 8 and 12 processes
+#   samples  the lh samples study (images, features and latents against 64 samples)
+#   build    a whole build of ../shared/assets (copied into .gpu-node/assets before pack.sh) at paper sizes
+#   collect  wait for a build a previous call started, then verify it
+#   check    which of the packages the factory needs the image has
+#   bash benchmarks/gpu_node/run.sh stage2 encode
+set -euo pipefail
+out=${OUT:-$PWD/gpu-node-out}
+mkdir -p "$out"
+bash benchmarks/gpu_node/unpack.sh
+# shellcheck disable=SC1091
+source /tmp/near-gpu-node/env.sh
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+collect_build() {  # waits up to 9 minutes for the build, then verifies its data root and keeps its report
+  for _ in $(seq 540); do [ -f /tmp/paper/build.rc ] && break; sleep 1; done
+  tail -5 /tmp/paper/build.log; cp /tmp/paper/build.log "$out/build.log"
+  [ -f /tmp/paper/build.rc ] || { echo "build: still running"; return 0; }
+  report=$(python3 -c "import json; print(json.load(open('/tmp/paper/build_h100.json'))['report'])")
+  cp /tmp/paper/build_h100.json "$report" "$out/"
+  tar -C "$(dirname "$report")" -czf "$out/build_report_sheets.tgz" sheets
+  python3 -m pipelines.cli catalog --root /tmp/paper/data verify --deep 2>&1 | tail -20 | tee "$out/verify.txt"
+  python3 -m pipelines.cli catalog --root /tmp/paper/data verify paper-h100 2>&1 | tail -5 | tee -a "$out/verify.txt"
+}
+for step in "$@"; do
+  echo "== $step $(date +%T)"
+  case $step in
+    stage2)
+      python3 -m pytest -q -p no:cacheprovider --noconftest -m gpu tests/training/test_stage2_speed_paths.py \
+        tests/training/test_stage2_parts.py > "$out/stage2_gpu_tests.txt" 2>&1 || true
+      tail -5 "$out/stage2_gpu_tests.txt"
+      python3 benchmarks/stage2.py speed --batches 4 --checkpointed-batches 12 --out "$out/stage2_speed_h100.json" ;;
+    encode)
+      python3 benchmarks/encode_asset.py --device cuda --frame-formats exr npy --repeats 2 --out "$out/encode_asset_h100.json" ;;
+    render)
+      python3 benchmarks/render.py --resolution 512 --views 32 --recipes --children 1 8 12 --samples 16 \
+        --gpu-backend vulkan --window 10 --out "$out/render_h100.json" ;;
+    samples)
+      python3 benchmarks/lh_samples.py --demo metal_torus open_box textured_cube \
+        --device cuda --views 8 --resolution 512 --gpu-backend vulkan --out "$out/lh_samples_h100.json" ;;
+    build)  # in its own session, so it outlives a call that ends first; `collect` waits for it
+      python3 benchmarks/gpu_node/paper_config.py --assets /tmp/near-gpu-node/assets --out /tmp/paper --render-slots 12
+      setsid nohup bash -c "python3 benchmarks/build.py --config /tmp/paper/build.yaml --keep \
+        --out /tmp/paper/build_h100.json; echo \$? > /tmp/paper/build.rc" > /tmp/paper/build.log 2>&1 < /dev/null &
+      collect_build ;;
+    collect)
+      collect_build ;;
+    check)
+      python3 -c "import torch, numpy; print('torch', torch.__version__, 'numpy', numpy.__version__)"
+      for module in ray pyarrow pandas gsplat zarr pyiceberg transformers OpenEXR; do
+        python3 -c "import $module; print('$module', getattr($module, '__version__', '?'))" 2>&1 | tail -1 || true
+      done ;;
+    *) echo "unknown step $step" >&2; exit 2 ;;
+  esac
+done
+echo "== done $(date +%T)"
