@@ -3,14 +3,13 @@
 # 57 MB that can travel one per call: the render env (the CPython 3.11 runtime it was made with and
 # .venv-render, at the same absolute paths), the main env's cp312 wheels such an image lacks (benchmarks/gpu_node/
 # requirements-cp312.txt; each wheel part installs on its own), and the GL, EGL, Vulkan and X libraries headless
-# EEVEE links. Writes .gpu-node/parts/ and .gpu-node/manifest.sha256 (unpack.sh checks every part against it).
+# EEVEE links. Writes .gpu-node/parts/ (git-ignored) and .gpu-node/manifest.sha256 (unpack.sh checks every part against it).
 #   bash benchmarks/gpu_node/pack.sh            # here, once; again after changing an env
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 out=$root/.gpu-node
 runtime=$(cd "$(dirname "$(readlink -f "$root/.venv-render/bin/python")")/.." && pwd)
 part_bytes=$((57 * 1000 * 1000))  # with the checkout (~7 MB), under a call's 64 MiB
-grep -qx '/.gpu-node/' "$root/.git/info/exclude" || echo '/.gpu-node/' >> "$root/.git/info/exclude"
 rm -rf "$out/parts" "$out/bins" && mkdir -p "$out/parts" "$out/gl" "$out/bins"
 
 echo "pack: render env ($runtime and $root/.venv-render)"
