@@ -13,6 +13,7 @@ Every relative path is relative to the YAML file's folder.
 """
 
 import dataclasses
+import os
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
@@ -172,6 +173,10 @@ class ModelsConfig(FrozenConfig):
     resolved dtype and device enter the encoder steps' keys."""
 
 
+CATALOG_URI_ENV_VAR = "NEAR_CATALOG_URI"
+"""Where a build and `near catalog` find the catalog URI when no config or option names one."""
+
+
 @dataclasses.dataclass(frozen=True)
 class BuildConfig:
     data_root: Annotated[Path, Resolve.PATH]
@@ -184,8 +189,9 @@ class BuildConfig:
     shaded: ShadedSlatConfig = dataclasses.field(default_factory=ShadedSlatConfig)
     release: ReleaseConfig = ReleaseConfig()
     execution: ExecutionConfig = ExecutionConfig()
-    catalog_uri: str | None = None
-    """SQLAlchemy URI of the catalog; default: SQLite beside the data."""
+    catalog_uri: str | None = dataclasses.field(default_factory=lambda: os.environ.get(CATALOG_URI_ENV_VAR))
+    """SQLAlchemy URI of the catalog; default: $NEAR_CATALOG_URI (as `near catalog` reads it; a cluster passes it
+    from a Secret), else SQLite beside the data."""
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "BuildConfig":

@@ -22,6 +22,7 @@ from catalogs.release_reader import RELEASE_FILE, Release, read_record
 from catalogs.tables import SCHEMAS, FactoryCatalog, resolve_status
 from catalogs.verify import verify_catalog, verify_published_releases, verify_release, verify_release_record
 from pipelines import scratch
+from pipelines.build_config import CATALOG_URI_ENV_VAR
 
 console = Console()
 
@@ -29,7 +30,7 @@ console = Console()
 @click.group()
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path), envvar="NEAR_DATA_ROOT", default=Path("near-data"),
               show_default=True, help="Data root (packs, releases, warehouse) [env NEAR_DATA_ROOT].")
-@click.option("--catalog-uri", envvar="NEAR_CATALOG_URI", default=None,
+@click.option("--catalog-uri", envvar=CATALOG_URI_ENV_VAR, default=None,
               help="SQLAlchemy URI of the catalog (default: SQLite file in the data root) [env NEAR_CATALOG_URI].")
 @click.pass_context
 def catalog(ctx: click.Context, root: Path, catalog_uri: str | None) -> None:
