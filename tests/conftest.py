@@ -2,6 +2,13 @@
 needs is made once per session here and shared."""
 
 import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -62,3 +69,54 @@ def demo_lh_renders(tmp_path_factory, demo_assets, supervisor, worker_config) ->
     recipe = recipe_config("lh", num_views=2, resolution_px=128, samples=4, passes=ALL_PASSES)
     names = ["diffuse_sphere", "textured_cube", "rough_cone", "open_box"]
     return _render([demo_assets[n] for n in names], recipe, tmp_path_factory.mktemp("lh"), supervisor, worker_config)
+
+
+def _postgres_bindir() -> Path | None:
+    """Where Debian's PostgreSQL server binaries are (`initdb` on PATH, or /usr/lib/postgresql/<major>/bin)."""
+    on_path = shutil.which("initdb")
+    if on_path:
+        return Path(on_path).resolve().parent
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return found[-1].parent if found else None
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A throwaway PostgreSQL server on a loopback port, trust auth, fsync off (`.ci/run` installs Debian's
+    package); yields its SQLAlchemy URI without a database. As root the server runs as the `postgres` user,
+    since initdb refuses root."""
+    bindir = _postgres_bindir()
+    if bindir is None:
+        pytest.skip("no PostgreSQL server binaries: apt-get install postgresql")
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    folder = Path(tempfile.mkdtemp(prefix="near-postgres-"))  # not under pytest's 0700 root folder
+    if as_postgres:
+        shutil.chown(folder, "postgres")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    data = folder / "data"
+    subprocess.run([*as_postgres, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
+                    "--no-sync"], check=True, capture_output=True)
+    subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(folder / "log"), "-w", "start",
+                    "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"],
+                   check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}"
+    finally:
+        subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"],
+                       capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_uri(postgres_server: str) -> str:
+    """A fresh database on the session's PostgreSQL server, as a catalog URI."""
+    import sqlalchemy
+
+    name = f"near_{uuid.uuid4().hex[:12]}"
+    engine = sqlalchemy.create_engine(f"{postgres_server}/postgres", isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    engine.dispose()
+    return f"{postgres_server}/{name}"
