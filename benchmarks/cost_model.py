@@ -16,7 +16,12 @@ reported, not scaled.
 import argparse
 import html
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.monitor import UtilizationSampler  # noqa: E402
 
 RENDER_STEPS = ("render_lh", "normalize", "render_input", "render_relight", "render_eval")
 ENCODER_STEPS = ("voxelize", "features", "slat_lh", "slat_bc", "slat_shaded")
@@ -34,7 +39,7 @@ def cost_model(build: dict, assets: int) -> dict:
     encoder = {s: steps[s]["compute_s"] / build["execution"]["encoders_per_node"] / ok
                for s in ENCODER_STEPS if s in steps}
     gpu = build["utilization"]["gpu_series"]
-    busy = [t for t, _ in gpu if (_mean(gpu, t - WINDOW_S / 2, t + WINDOW_S / 2) or 0.0) >= BUSY]
+    busy = [t for t, _ in gpu if (UtilizationSampler.mean(gpu, t - WINDOW_S / 2, t + WINDOW_S / 2) or 0.0) >= BUSY]
     per_asset = max(sum(render.values()), sum(encoder.values()))
     return {
         "build": {"assets_ok": ok, "render_children": children, "wall_s": build["wall_s"],
@@ -50,11 +55,6 @@ def cost_model(build: dict, assets: int) -> dict:
         "dataset": {"assets": assets, "gpu_hours": assets * per_asset / 3600,
                     "gpu_hours_by_step": {s: assets * v / 3600 for s, v in render.items()}},
     }
-
-
-def _mean(series: list, start: float, stop: float) -> float | None:
-    values = [v for t, v in series if start <= t <= stop]
-    return sum(values) / len(values) if values else None
 
 
 def _polyline(series: list, width: float, height: float, duration: float) -> str:
