@@ -157,7 +157,8 @@ class ExecutionConfig(FrozenConfig):
     allow_software_gl: bool = False
     gpu_backend: GpuBackend = "opengl"
     scratch_dir: LocalPath | None = None
-    """Node-local folder for transient renders (default `<data_root>/scratch`)."""
+    """Node-local folder for transient renders (default `<data_root>/scratch`, which on a cluster is the shared
+    volume: set a node-local path there, as `infra/cluster/rayjob.yaml` does)."""
     keep_renders: bool = False
 
 
