@@ -106,3 +106,12 @@ class ObjectCrossAttention(nn.Module):
             for q_b, k_b, v_b in zip(q.split(rows), k, v)
         ]
         return self.to_out(torch.cat(attended, dim=1).transpose(0, 1).flatten(1))
+
+    def padded(self, h: Float[Tensor, "B W C"], context: Float[Tensor, "B L C_ctx"]) -> Float[Tensor, "B W C"]:
+        """The same attention for B objects in one call, their tokens zero-padded to a common W. Every object has
+        L context tokens, so padded queries need no mask (their outputs are the caller's to drop) and SDPA keeps
+        its fused kernels."""
+        q = self.to_q(h).unflatten(2, (self.num_heads, -1))  # (B, W, H, D)
+        k, v = self.to_kv(context.to(h.dtype)).unflatten(2, (2, self.num_heads, -1)).unbind(2)  # (B, L, H, D)
+        attended = F.scaled_dot_product_attention(*(a.transpose(1, 2) for a in (q, k, v)))  # (B, H, W, D)
+        return self.to_out(attended.transpose(1, 2).flatten(2))

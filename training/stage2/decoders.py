@@ -201,17 +201,6 @@ class ViewEmbedding(nn.Module):
         )
 
 
-def _batched_cross_attention(
-    attn: ObjectCrossAttention, h: Float[Tensor, "M C"], context: Float[Tensor, "S L C_ctx"], groups: RowGroups
-) -> Float[Tensor, "M C"]:  # fmt: skip
-    """`attn(h, context, groups.rows)` in one call: each sample's queries padded to the largest sample. Every
-    sample has L context tokens, so the padding needs no mask and SDPA keeps its fused kernels."""
-    q = groups.pad(attn.to_q(h)).unflatten(2, (attn.num_heads, -1))  # (S, W, H, D)
-    k, v = attn.to_kv(context.to(h.dtype)).unflatten(2, (2, attn.num_heads, -1)).unbind(2)  # (S, L, H, D)
-    attended = F.scaled_dot_product_attention(*(a.transpose(1, 2) for a in (q, k, v)))  # (S, H, W, D)
-    return attn.to_out(groups.unpad(attended.transpose(1, 2).flatten(2)))
-
-
 class LightingBlock(nn.Module):
     def __init__(self, config: DecoderConfig, lighting_channels: int) -> None:
         super().__init__()
@@ -233,7 +222,9 @@ class LightingBlock(nn.Module):
         self, attn: ObjectCrossAttention, h: Float[Tensor, "M C"], context: Float[Tensor, "S L C_ctx"],
         groups: RowGroups,
     ) -> Float[Tensor, "M C"]:  # fmt: skip
-        return _batched_cross_attention(attn, h, context, groups) if self.batched else attn(h, context, groups.rows)
+        if self.batched:
+            return groups.unpad(attn.padded(groups.pad(h), context))
+        return attn(h, context, groups.rows)
 
 
 class LightingAwareDecoder(nn.Module):
