@@ -88,7 +88,7 @@ def end_to_end(config_path: Path, out: Path, keep: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if not keep:
             config = dataclasses.replace(
-                config, data_root=Path(tmp) / "data", release=dataclasses.replace(config.release, name=None)
+                config, data_root=str(Path(tmp) / "data"), release=dataclasses.replace(config.release, name=None)
             )
         with UtilizationSampler(interval_s=1.0) as usage:
             record = run_build(config)

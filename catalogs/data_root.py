@@ -5,6 +5,8 @@
     <root>/warehouse/       Iceberg tables, stored at locations relative to the root (`near-root:///warehouse/...`)
     <root>/packs/  releases/  reports/  scratch/
 
+The root may be a local folder or an object-store URL (`s3://bucket/prefix`; `catalogs.storage`).
+
 The id ties a catalog to its root: every open compares them, so a wrong `--catalog-uri` (another root's catalog,
 an empty one) is refused before gc could take committed packs for orphans. Every location the catalog and the
 releases store is relative to the root, so a root can be copied, moved or mounted at another path and keeps
@@ -16,9 +18,9 @@ import datetime
 import json
 import os
 import uuid
-from pathlib import Path
 
 from catalogs.errors import CatalogError, NotADataRoot
+from catalogs.storage import RootPath, is_local, root_path, write_exclusive
 
 MARKER_FILE = "near-root.json"
 ROOT_FORMAT = "near-data-root/1"
@@ -29,7 +31,7 @@ _LEGACY_SIGNS = ("catalog.db", "warehouse", *DATA_FOLDERS)
 
 @dataclasses.dataclass(frozen=True)
 class DataRoot:
-    path: Path
+    path: RootPath
     root_id: str | None
     """None for a legacy root (made before root ids)."""
 
@@ -40,7 +42,7 @@ class DataRoot:
         Raises:
             NotADataRoot: the folder is missing or holds neither a marker nor a legacy root's folders.
         """
-        path = Path(path).absolute()
+        path = root_path(path)
         if not path.is_dir():
             raise NotADataRoot(f"data root {path} does not exist")
         marker = path / MARKER_FILE
@@ -53,9 +55,17 @@ class DataRoot:
     @classmethod
     def create(cls, path: str | os.PathLike[str]) -> "DataRoot":
         """The root at `path`, made with a fresh id if the folder has none yet (legacy roots keep theirs unset:
-        the catalog adopts them once it has checked they are its own)."""
-        path = Path(path).absolute()
-        path.mkdir(parents=True, exist_ok=True)
+        the catalog adopts them once it has checked they are its own). In an object store the bucket must
+        exist: a mistyped bucket name is an error, not a new bucket.
+
+        Raises:
+            NotADataRoot: the bucket of a URL root does not exist.
+        """
+        path = root_path(path)
+        if is_local(path):
+            path.mkdir(parents=True, exist_ok=True)
+        elif not path.fs.exists(path.path.split("/")[0]):
+            raise NotADataRoot(f"cannot make data root {path}: its bucket does not exist (create it first)")
         try:
             return cls.open(path)
         except NotADataRoot:
@@ -67,16 +77,10 @@ class DataRoot:
         root_id = uuid.uuid4().hex
         record = {"format": ROOT_FORMAT, "root_id": root_id,
                   "created_at": datetime.datetime.now(datetime.UTC).isoformat()}
-        tmp = self.path / f".{MARKER_FILE}.{root_id}.tmp"
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        with open(tmp, "rb") as file:
-            os.fsync(file.fileno())
         try:
-            os.link(tmp, self.path / MARKER_FILE)
+            write_exclusive(self.path / MARKER_FILE, (json.dumps(record, indent=1) + "\n").encode())
         except FileExistsError:
             return DataRoot.open(self.path)
-        finally:
-            tmp.unlink()
         return dataclasses.replace(self, root_id=root_id)
 
     def holds_data(self) -> bool:
@@ -84,7 +88,7 @@ class DataRoot:
         return any(any((self.path / name).iterdir()) for name in DATA_FOLDERS if (self.path / name).is_dir())
 
 
-def _read_marker(marker: Path) -> str:
+def _read_marker(marker: RootPath) -> str:
     try:
         record = json.loads(marker.read_text())
         if record.get("format") != ROOT_FORMAT or not isinstance(record.get("root_id"), str):

@@ -9,14 +9,12 @@ root's own (another root's, an empty one), and gc refuses when a manifest cannot
 """
 
 import dataclasses
-import shutil
 import time
-
-import pyarrow.parquet as pq
 
 from catalogs.errors import GcRefused
 from catalogs.release_reader import MANIFEST_FILE
 from catalogs.releases import TAG_PREFIX
+from catalogs.storage import read_parquet_bytes, remove_tree, tree_stats
 from catalogs.tables import FactoryCatalog
 
 DEFAULT_GRACE_S = 7 * 24 * 3600.0
@@ -40,7 +38,8 @@ def live_packs(catalog: FactoryCatalog) -> set[str]:
             live.update(catalog.read("samples", ("pack_path",), snapshot_id=ref.snapshot_id)["pack_path"].to_pylist())
     for manifest in (catalog.data_root / "releases").glob(f"*/{MANIFEST_FILE}"):
         try:
-            live.update(pq.read_table(manifest, columns=["pack_path"])["pack_path"].to_pylist())
+            table = read_parquet_bytes(manifest.read_bytes(), columns=["pack_path"])
+            live.update(table["pack_path"].to_pylist())
         except (OSError, ValueError) as err:  # pyarrow raises ArrowInvalid (a ValueError) on a damaged file
             raise GcRefused(f"cannot read {manifest} ({err}); not collecting while a release's references are unknown") from err
     return live
@@ -55,12 +54,12 @@ def find_garbage(catalog: FactoryCatalog, grace_s: float = DEFAULT_GRACE_S) -> l
         relative = folder.relative_to(catalog.data_root).as_posix()
         if not folder.is_dir() or relative in live:
             continue
-        age = now - folder.stat().st_mtime
+        newest, size = tree_stats(folder)
+        age = now - newest
         if age < grace_s:
             continue
         reason = ("unfinished pack: its writer died while writing" if folder.name.startswith(".tmp-")
                   else "orphan pack: written, but its rows were never committed")
-        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
         found.append(Garbage(relative, reason, age, size))
     return sorted(found, key=lambda g: -g.age_s)
 
@@ -72,6 +71,6 @@ def collect_garbage(catalog: FactoryCatalog, garbage: list[Garbage]) -> int:
     for item in garbage:
         if item.pack_path in live:
             raise GcRefused(f"{item.pack_path} became referenced after it was listed; not deleting it")
-        shutil.rmtree(catalog.data_root / item.pack_path)
+        remove_tree(catalog.data_root / item.pack_path)
         freed += item.size_bytes
     return freed

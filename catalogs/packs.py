@@ -6,8 +6,10 @@
                                    features (sum N, 1024), images (sum V, H, W, 4)
       offsets/<array>              int64 (assets + 1,): asset i owns rows offsets[i]:offsets[i + 1]
 
-A pack is written under `.tmp-<pack_id>`, flushed, then renamed, so a pack directory is complete or absent;
-one that no committed registry row names is garbage for `gc`. Nothing in a pack is ever rewritten.
+In a local root a pack is written under `.tmp-<pack_id>`, flushed, then renamed, so a pack directory is
+complete or absent. An object store has no rename: there a pack is written in place under its fresh id, and
+only the registry commit that follows makes it visible (readers follow committed pack paths alone). Either
+way, a pack no committed registry row names is garbage for `gc`. Nothing in a pack is ever rewritten.
 Chunks hold about 1 MiB of whole rows (one image per chunk for image stacks) and shards about 64 MiB, so
 one asset's read touches only its own chunks.
 
@@ -26,16 +28,16 @@ import json
 import os
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.abc.store import ByteRequest, RangeByteRequest, SuffixByteRequest
+from zarr.abc.store import ByteRequest, RangeByteRequest, Store, SuffixByteRequest
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 from zarr.core.buffer import Buffer, BufferPrototype
-from zarr.storage import LocalStore, WrapperStore
+from zarr.storage import WrapperStore
 
 from catalogs.errors import DamagedPackError
+from catalogs.storage import RootPath, fsync_dir, is_local, root_path, zarr_store
 
 PACK_FORMAT = "near-pack/2"
 UNCHECKED_FORMATS = ("near-pack/1",)
@@ -110,10 +112,10 @@ def write_pack(
 
     pack_id = uuid.uuid4().hex
     relative = pack_dir(step, spec_hash, pack_id)
-    final = Path(data_root) / relative
-    tmp = final.with_name(f".tmp-{pack_id}")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    root = zarr.open_group(LocalStore(tmp), mode="w-", zarr_format=3)
+    final = root_path(data_root) / relative
+    folder = final.with_name(f".tmp-{pack_id}") if is_local(final) else final
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    root = zarr.open_group(zarr_store(folder, read_only=False), mode="w-", zarr_format=3)
     root.attrs.update({
         "format": PACK_FORMAT, "step": step, "spec_hash": spec_hash, "run_id": run_id,
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
@@ -127,9 +129,10 @@ def write_pack(
         _write_array(root, name, np.concatenate(parts, axis=0))
         root.create_array(f"offsets/{name}", data=offsets[name], chunks=(len(offsets[name]),),
                           compressors=_compressors(offsets[name].dtype), config=_EVERY_CHUNK)
-    _fsync_tree(tmp)
-    os.rename(tmp, final)
-    _fsync_dir(final.parent)
+    if is_local(final):
+        _fsync_tree(folder)
+        os.rename(folder, final)
+        fsync_dir(final.parent)
 
     packed = []
     for i, (key, arrays) in enumerate(outputs):
@@ -167,11 +170,11 @@ def _compressors(dtype: np.dtype) -> tuple:
     return BloscCodec(cname="zstd", clevel=3, shuffle=shuffle, typesize=dtype.itemsize), Crc32cCodec()
 
 
-class _StrictStore(WrapperStore[LocalStore]):
+class _StrictStore(WrapperStore[Store]):
     """A read-only pack store that raises where zarr would substitute fill values: a key that is absent, or a
     byte range that comes back short (a truncated file)."""
 
-    def __init__(self, store: LocalStore, pack_path: str) -> None:
+    def __init__(self, store: Store, pack_path: str) -> None:
         super().__init__(store)
         self.pack_path = pack_path
 
@@ -211,14 +214,14 @@ class PackReader:
 
     def __init__(self, data_root: str | os.PathLike[str], pack_path: str) -> None:
         self.pack_path = pack_path
-        folder = Path(data_root) / pack_path
+        folder = root_path(data_root) / pack_path
         if not folder.is_dir():
             raise DamagedPackError(pack_path, "", "the pack folder is missing")
         with _naming_damage(pack_path, ""):
             self.format = json.loads((folder / "zarr.json").read_bytes())["attributes"]["format"]
         self.is_checked = self.format not in UNCHECKED_FORMATS
         """Chunks carry checksums and are all present; else reads must check the content digest."""
-        store = LocalStore(folder, read_only=True)
+        store = zarr_store(folder, read_only=True)
         self._store = _StrictStore(store, pack_path) if self.is_checked else store
         self._arrays: dict[str, zarr.Array] = {}
 
@@ -269,7 +272,7 @@ def read_asset(
     return PackReader(data_root, pack_path).read(arrays, where=where, digest=digest)
 
 
-def _fsync_tree(folder: Path) -> None:
+def _fsync_tree(folder: RootPath) -> None:
     for dirpath, _, files in os.walk(folder):
         for file in files:
             fd = os.open(os.path.join(dirpath, file), os.O_RDONLY)
@@ -277,12 +280,4 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(dirpath)

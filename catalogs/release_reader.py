@@ -11,18 +11,17 @@ error that names the file (`catalogs.errors`), never a traceback from deep insid
 
 import collections
 import dataclasses
+import hashlib
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from catalogs.errors import ReleaseIntegrityError, ReleaseNotFound, check_release_name
-from catalogs.keys import sha256_file
 from catalogs.packs import ArraySlice, PackReader
+from catalogs.storage import RootPath, read_parquet_bytes, root_path
 
 RELEASE_FILE = "release.json"
 MANIFEST_FILE = "manifest.parquet"
@@ -35,11 +34,11 @@ OPEN_PACKS = 64
 """Packs kept open per reader (an LRU)."""
 
 
-def release_dir(data_root: str | os.PathLike[str], name: str) -> Path:
-    return Path(data_root) / "releases" / check_release_name(name)
+def release_dir(data_root: str | os.PathLike[str], name: str) -> RootPath:
+    return root_path(data_root) / "releases" / check_release_name(name)
 
 
-def read_record(folder: Path) -> dict:
+def read_record(folder: RootPath) -> dict:
     """A release folder's release.json, with every field of RECORD_FIELDS present and not null.
 
     Raises:
@@ -64,11 +63,12 @@ def read_record(folder: Path) -> dict:
 class Release:
     """An opened release: its record, its manifest and lazy access to the packs it names."""
 
-    data_root: Path
+    data_root: RootPath
     info: dict
     manifest: pa.Table
     _rows: dict[tuple[str, str], int] = dataclasses.field(init=False, repr=False)
     _packs: collections.OrderedDict = dataclasses.field(init=False, repr=False, default_factory=collections.OrderedDict)
+    _pid: int = dataclasses.field(init=False, repr=False, default_factory=os.getpid)
 
     def __post_init__(self) -> None:
         pairs = zip(self.manifest["sample_id"].to_pylist(), self.manifest["role"].to_pylist())
@@ -83,24 +83,25 @@ class Release:
         """
         folder = release_dir(data_root, name)
         if not (folder / RELEASE_FILE).is_file():
-            raise ReleaseNotFound(f"no release {name!r} under {Path(data_root) / 'releases'}")
+            raise ReleaseNotFound(f"no release {name!r} under {folder.parent}")
         info = read_record(folder)
         path = folder / MANIFEST_FILE
         try:
-            actual = sha256_file(path)
+            manifest_bytes = path.read_bytes()
         except OSError as err:
             raise ReleaseIntegrityError(f"{path} is unreadable: {err}") from err
+        actual = hashlib.sha256(manifest_bytes).hexdigest()
         for pinned, source in ((info["manifest_sha256"], RELEASE_FILE), (expected_sha256, "the caller's pin")):
             if pinned is not None and actual != pinned:
                 raise ReleaseIntegrityError(f"release {name!r}: manifest sha256 {actual} does not match {source} ({pinned})")
         try:
-            manifest = pq.read_table(path)
+            manifest = read_parquet_bytes(manifest_bytes)
         except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
             raise ReleaseIntegrityError(f"{path} is not a readable parquet file: {err}") from err
         missing = sorted(set(MANIFEST_COLUMNS) - set(manifest.column_names))
         if missing:
             raise ReleaseIntegrityError(f"{path} lacks the columns {missing}")
-        return cls(Path(data_root), info, manifest)
+        return cls(root_path(data_root), info, manifest)
 
     @property
     def split_rule(self) -> dict | None:
@@ -169,6 +170,9 @@ class Release:
             raise KeyError(f"release {self.info['name']!r} has no ({sample_id!r}, {role!r})") from None
 
     def _pack(self, pack_path: str) -> PackReader:
+        if self._pid != os.getpid():  # a forked data-loader worker: an object store's client is per process
+            self._packs.clear()
+            self._pid = os.getpid()
         if pack_path in self._packs:
             self._packs.move_to_end(pack_path)
         else:

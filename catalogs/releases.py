@@ -1,24 +1,22 @@
 """Make a release: select samples, overwrite `samples`, tag the snapshot, export the pinned manifest.
 
-Order (bytes, then rows, then the release): the manifest is written (through a temporary file), the `samples`
+Order (bytes, then rows, then the release): the manifest is written (whole or not at all), the `samples`
 snapshot is committed with the digest of the whole release record in its summary and tagged `rel-<name>`, and
-`release.json` (the commit point: readers require it) is linked last, exclusively, so a name can never be
-silently reused. A crash before `release.json` leaves no release; retrying the same name then replaces only the
-unpublished pieces. The catalog's tagged snapshot is the witness `verify` checks a release against: its rows
+`release.json` (the commit point: readers require it) is written last, exclusively (`storage.write_exclusive`:
+a link locally, a conditional put in an object store), so a name can never be silently reused. A crash before
+`release.json` leaves no release; retrying the same name then replaces only the unpublished pieces. The catalog's tagged snapshot is the witness `verify` checks a release against: its rows
 are the manifest's, and its `release_digest` covers every field of release.json but the snapshot's own id and
 metadata file (`record_digest`).
 """
 
 import collections
 import dataclasses
+import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -26,10 +24,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from catalogs.errors import CatalogError, ReleaseExistsError, check_release_name
-from catalogs.keys import StepGraph, digest, package_version, sha256_file
+from catalogs.keys import StepGraph, digest, package_version
 from catalogs.planner import target_keys
 from catalogs.release_reader import MANIFEST_FILE, RELEASE_FILE, SHARED_SPLIT, release_dir
 from catalogs.splits import TEST, SplitRule
+from catalogs.storage import RootPath, write_exclusive
 from catalogs.tables import SCHEMAS, FactoryCatalog, utc_now
 
 logger = logging.getLogger(__name__)
@@ -299,8 +298,10 @@ def create_release(catalog: FactoryCatalog, graph: StepGraph, spec: ReleaseSpec)
     role_specs = {role: {"step": step, "spec_hash": graph.spec_hashes[step]} for role, step in sorted(spec.roles.items())}
     artifacts_snapshot = catalog.table("artifacts").current_snapshot()
     sources_snapshot = catalog.table("sources").current_snapshot()
-    folder.mkdir(parents=True, exist_ok=True)
-    manifest_sha256 = _publish_exclusive(folder / MANIFEST_FILE, lambda path: pq.write_table(samples, path), replace_unpublished=True)
+    manifest = pa.BufferOutputStream()
+    pq.write_table(samples, manifest)
+    manifest_sha256 = _publish_exclusive(folder / MANIFEST_FILE, manifest.getvalue().to_pybytes(),
+                                         replace_unpublished=True)
     tag = TAG_PREFIX + spec.name
     record = {
         "name": spec.name, "table": "factory.samples", "tag": tag, "manifest": MANIFEST_FILE,
@@ -326,7 +327,7 @@ def create_release(catalog: FactoryCatalog, graph: StepGraph, spec: ReleaseSpec)
     table.manage_snapshots().create_tag(snapshot_id, tag).commit()
     record.update(snapshot_id=snapshot_id, metadata_location=table.metadata_location)
     try:
-        _publish_exclusive(folder / RELEASE_FILE, lambda path: Path(path).write_text(json.dumps(record, indent=1)))
+        _publish_exclusive(folder / RELEASE_FILE, json.dumps(record, indent=1).encode())
     except FileExistsError:
         raise ReleaseExistsError(f"release {spec.name!r} was published concurrently by another process") from None
     return record
@@ -342,19 +343,11 @@ def _split_counts(samples: pa.Table) -> dict[str, int]:
     return dict(collections.Counter(per_sample.values()))
 
 
-def _publish_exclusive(path: Path, write: Callable[[str], None], *, replace_unpublished: bool = False) -> str:
-    """Write through a temporary file and link it to `path`, failing if `path` exists; returns its sha256.
+def _publish_exclusive(path: RootPath, data: bytes, *, replace_unpublished: bool = False) -> str:
+    """Write `data` to `path`, failing if `path` exists; returns its sha256.
 
     `replace_unpublished` allows replacing a file that no release.json refers to yet (a crashed attempt)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        if replace_unpublished and path.exists() and not (path.parent / RELEASE_FILE).exists():
-            path.unlink()
-        os.link(tmp, path)
-        return sha256_file(path)
-    finally:
-        os.unlink(tmp)
+    if replace_unpublished and path.exists() and not (path.parent / RELEASE_FILE).exists():
+        path.unlink()
+    write_exclusive(path, data)
+    return hashlib.sha256(data).hexdigest()

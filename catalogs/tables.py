@@ -47,6 +47,7 @@ from sqlalchemy.exc import OperationalError
 from catalogs.data_root import DataRoot
 from catalogs.errors import CatalogError, CatalogMismatch, StaleVersionError
 from catalogs.keys import StepSpec, implementation_fingerprint, package_version
+from catalogs.storage import RootPath, iceberg_properties, is_local, is_url, root_path
 
 logger = logging.getLogger(__name__)
 
@@ -108,18 +109,23 @@ def utc_now() -> datetime.datetime:
 
 
 class RootFileIO(PyArrowFileIO):
-    """pyiceberg's Arrow file IO, with `near-root:///<path>` resolved against the data root of this process."""
+    """pyiceberg's Arrow file IO, with `near-root:///<path>` resolved against the data root of this process (a
+    local folder or an object-store URL)."""
 
     @staticmethod
     def parse_location(location: str, properties: Properties = EMPTY_DICT) -> tuple[str, str, str]:
         if location.startswith(ROOT_URI):
-            return "file", "", os.path.join(properties[ROOT_PATH_PROPERTY], location.removeprefix(ROOT_URI))
+            root, relative = properties[ROOT_PATH_PROPERTY], location.removeprefix(ROOT_URI)
+            if not is_url(root):
+                return "file", "", os.path.join(root, relative)
+            location = f"{root.rstrip('/')}/{relative}"
         return PyArrowFileIO.parse_location(location, properties)
 
 
 def io_properties(data_root: str | os.PathLike[str]) -> dict[str, str]:
     """What a pyiceberg catalog or static table needs to read and write `near-root:` locations of this root."""
-    return {"py-io-impl": f"{__name__}.{RootFileIO.__name__}", ROOT_PATH_PROPERTY: str(Path(data_root).absolute())}
+    root = str(root_path(data_root))
+    return {"py-io-impl": f"{__name__}.{RootFileIO.__name__}", ROOT_PATH_PROPERTY: root, **iceberg_properties(root)}
 
 
 def static_table(data_root: str | os.PathLike[str], metadata_location: str) -> StaticTable:
@@ -140,9 +146,9 @@ class FactoryCatalog:
     """
 
     def __init__(self, data_root: str | os.PathLike[str], uri: str | None = None, *, read_only: bool = False) -> None:
+        self.uri = uri or _sqlite_beside(root_path(data_root))
         root = DataRoot.open(data_root) if read_only else DataRoot.create(data_root)
         self.data_root, self.read_only = root.path, read_only
-        self.uri = uri or f"sqlite:///{self.data_root / CATALOG_FILE}"
         self._catalog = _sql_catalog(self.uri, self.data_root, read_only)
         self.root_id = self._check_owner(root)
         self._tables: dict[str, Table] = {name: self._load(name) for name in SCHEMAS}
@@ -190,7 +196,8 @@ class FactoryCatalog:
         """Tables made before root-relative locations store absolute ones: the catalog is this root's only if
         they lie in it. Read from the catalog's own rows (the JDBC catalog schema), before pyiceberg would
         follow them into another root's files."""
-        inside = (self.data_root / "warehouse").as_uri() + "/"
+        warehouse = self.data_root / "warehouse"
+        inside = (warehouse.as_uri() if is_local(warehouse) else str(warehouse)) + "/"
         query = text("SELECT table_name, metadata_location FROM iceberg_tables "
                      "WHERE catalog_name = :catalog AND table_namespace = :namespace")
         with self._catalog.engine.connect() as connection:
@@ -364,7 +371,15 @@ def _retry(operation, what: str):
     raise AssertionError("unreachable")
 
 
-def _sql_catalog(uri: str, data_root: Path, read_only: bool) -> SqlCatalog:
+def _sqlite_beside(data_root: RootPath) -> str:
+    """The default catalog: an SQLite file in the root, which an object store cannot hold."""
+    if not is_local(data_root):
+        raise CatalogError(f"data root {data_root} is in an object store, which cannot hold an SQLite catalog: "
+                           f"pass a catalog URI (PostgreSQL: postgresql+psycopg2://...)")
+    return f"sqlite:///{data_root / CATALOG_FILE}"
+
+
+def _sql_catalog(uri: str, data_root: RootPath, read_only: bool) -> SqlCatalog:
     """pyiceberg's SQL catalog on `uri`; read-only: an SQLite file opened with mode=ro, no tables created."""
     properties = {"warehouse": f"{ROOT_URI}warehouse", **io_properties(data_root)}
     if uri.startswith("sqlite"):

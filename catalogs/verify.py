@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import itertools
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pyarrow as pa
 
@@ -20,6 +19,7 @@ from catalogs.packs import ArraySlice, PackReader
 from catalogs.release_reader import RELEASE_FILE, SHARED_SPLIT, Release
 from catalogs.releases import TAG_PREFIX, record_digest
 from catalogs.splits import TEST, TRAIN, VAL, SplitRule
+from catalogs.storage import RootPath
 from catalogs.tables import SCHEMAS, FactoryCatalog
 
 SHOWN_DIFFERENCES = 3
@@ -82,7 +82,7 @@ def verify_published_releases(catalog: FactoryCatalog) -> Iterator[Problem]:
         yield from verify_release_record(catalog, release)
 
 
-def _check_rows(data_root: Path, rows: list[dict], deep: bool, on_row: Callable[[], None],
+def _check_rows(data_root: RootPath, rows: list[dict], deep: bool, on_row: Callable[[], None],
                 where: Callable[[dict], str]) -> Iterator[Problem]:  # fmt: skip
     """Rows sorted by pack: each pack is opened once."""
     for pack_path, group in itertools.groupby(rows, key=lambda row: row["pack_path"]):

@@ -72,6 +72,8 @@ class Resolve(enum.Enum):
     MODEL = "model"
     """A local path (made absolute) when it names something beside the file (or `<it>.safetensors`) or starts
     with `.`, `/` or `~`; anything else is a hub id, kept as written."""
+    LOCATION = "location"
+    """A local path (as PATH) or a URL with a scheme (`s3://bucket/prefix`), kept as written."""
 
 
 PositiveInt = Annotated[int, Range(ge=1)]
@@ -81,6 +83,8 @@ PositiveFloat = Annotated[float, Range(gt=0)]
 NonNegativeFloat = Annotated[float, Range(ge=0)]
 Percent = Annotated[int, Range(ge=0, le=100)]
 LocalPath = Annotated[str, Resolve.PATH]
+Location = Annotated[str, Resolve.LOCATION]
+"""Where data lives: a local folder or an object-store URL (`catalogs.storage`)."""
 ModelReference = Annotated[str, Resolve.MODEL]
 
 
@@ -296,6 +300,8 @@ def _dict(value: Any, args: tuple, key: str, base: Path | None, default: Any) ->
 
 
 def _resolve(value: str | os.PathLike[str], resolve: Resolve, base: Path) -> Any:
+    if resolve == Resolve.LOCATION and "://" in str(value):
+        return value
     path = Path(value).expanduser()
     absolute = (path if path.is_absolute() else base / path).resolve()
     if resolve == Resolve.MODEL:

@@ -214,14 +214,15 @@ def run_build(
 
 
 def _init_ray(config: BuildConfig) -> None:
-    """The configured cluster, else `RAY_ADDRESS`'s (as `ray job submit` sets it), else a new local one."""
+    """The configured cluster, else `RAY_ADDRESS`'s (as `ray job submit` sets it), else a new local one (also
+    for the address `local`, which never joins a cluster another process started)."""
     if ray.is_initialized():
         return
     address = config.execution.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if address and address != "local":
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(resources={"render_slot": config.execution.render_slots}, log_to_driver=False,
+        ray.init(address=address, resources={"render_slot": config.execution.render_slots}, log_to_driver=False,
                  include_dashboard=False)
 
 
@@ -247,7 +248,7 @@ class _Driver:
         columns = (sources[c].to_pylist() for c in ("asset_id", "source_id", "uri"))
         self.source = {asset: (source_id, uri) for asset, source_id, uri in zip(*columns)}
         self.total, self.done = work.todo.num_rows, 0
-        self.report_dir = Path(config.data_root) / "reports" / record.run_id
+        self.report_dir = config.root / "reports" / record.run_id
         self.run_dir = config.scratch_dir / record.run_id
         scratch.remove_stale_runs(config.scratch_dir)
         self.claim = scratch.claim(self.run_dir)

@@ -14,12 +14,14 @@ Every relative path is relative to the YAML file's folder.
 
 import dataclasses
 import os
+import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
 from catalogs.errors import check_release_name
 from catalogs.objaverse import OBJAVERSE_SOURCES, ObjaverseSelection
 from catalogs.splits import SplitRule
+from catalogs.storage import RootPath, is_local, root_path
 from encoders.asset_encoder import DEFAULT_SLAT_ENCODER
 from encoders.dinov2 import DEFAULT_DINOV2, Precision
 from encoders.shaded_slat import DEFAULT_SLAT_FLOW, ShadedSlatConfig
@@ -27,17 +29,18 @@ from infra.config import (
     ConfigFieldError,
     FrozenConfig,
     LocalPath,
+    Location,
     ModelReference,
     NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     Range,
-    Resolve,
     check_field,
     load_config,
     load_config_file,
 )
+from infra.errors import ConfigError
 from render_jobs.protocol import GpuBackend
 from render_jobs.recipes import RECIPE_NAMES, RecipeConfig, RecipeName, recipe_config
 
@@ -158,7 +161,8 @@ class ExecutionConfig(FrozenConfig):
     gpu_backend: GpuBackend = "opengl"
     scratch_dir: LocalPath | None = None
     """Node-local folder for transient renders (default `<data_root>/scratch`, which on a cluster is the shared
-    volume: set a node-local path there, as `infra/cluster/rayjob.yaml` does)."""
+    volume: set a node-local path there, as `infra/cluster/rayjob.yaml` does; `<tmp>/near-scratch` when the
+    data root is a URL)."""
     keep_renders: bool = False
 
 
@@ -180,7 +184,8 @@ CATALOG_URI_ENV_VAR = "NEAR_CATALOG_URI"
 
 @dataclasses.dataclass(frozen=True)
 class BuildConfig:
-    data_root: Annotated[Path, Resolve.PATH]
+    data_root: Location
+    """A local folder, or an object-store URL (`s3://bucket/prefix`) with `catalog_uri` naming a database."""
     source: SourceConfig = SourceConfig()
     recipes: dict[RecipeName, RecipeConfig] = dataclasses.field(
         default_factory=lambda: {name: recipe_config(name) for name in RECIPE_NAMES}
@@ -216,5 +221,21 @@ class BuildConfig:
         return self.models.slat_flow
 
     @property
+    def root(self) -> RootPath:
+        """`data_root` as a path object (`catalogs.storage`)."""
+        return root_path(self.data_root)
+
+    @property
     def scratch_dir(self) -> Path:
-        return Path(self.execution.scratch_dir or self.data_root / "scratch")
+        if self.execution.scratch_dir:
+            return Path(self.execution.scratch_dir)
+        return self.root / "scratch" if is_local(self.root) else Path(tempfile.gettempdir()) / "near-scratch"
+
+    def local_default(self, folder: str | None, name: str) -> Path:
+        """`folder`, else `<data_root>/<name>`, which must then be local (render nodes open source files)."""
+        if folder:
+            return Path(folder)
+        if not is_local(self.root):
+            raise ConfigError(f"source.path is required when data_root is a URL ({self.data_root}): source "
+                              f"assets are files every render node opens")
+        return self.root / name

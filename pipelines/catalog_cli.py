@@ -8,7 +8,6 @@ import collections
 import datetime
 import json
 import sys
-from pathlib import Path
 
 import click
 from rich.console import Console
@@ -19,6 +18,7 @@ from catalogs.data_root import DataRoot
 from catalogs.errors import ReleaseIntegrityError
 from catalogs.gc import DEFAULT_GRACE_S, collect_garbage, find_garbage
 from catalogs.release_reader import RELEASE_FILE, Release, read_record
+from catalogs.storage import RootPath, is_local
 from catalogs.tables import SCHEMAS, FactoryCatalog, resolve_status
 from catalogs.verify import verify_catalog, verify_published_releases, verify_release, verify_release_record
 from pipelines import scratch
@@ -28,12 +28,12 @@ console = Console()
 
 
 @click.group()
-@click.option("--root", type=click.Path(file_okay=False, path_type=Path), envvar="NEAR_DATA_ROOT", default=Path("near-data"),
-              show_default=True, help="Data root (packs, releases, warehouse) [env NEAR_DATA_ROOT].")
+@click.option("--root", envvar="NEAR_DATA_ROOT", default="near-data", show_default=True,
+              help="Data root: a folder or a URL such as s3://bucket/prefix [env NEAR_DATA_ROOT].")
 @click.option("--catalog-uri", envvar=CATALOG_URI_ENV_VAR, default=None,
               help="SQLAlchemy URI of the catalog (default: SQLite file in the data root) [env NEAR_CATALOG_URI].")
 @click.pass_context
-def catalog(ctx: click.Context, root: Path, catalog_uri: str | None) -> None:
+def catalog(ctx: click.Context, root: str, catalog_uri: str | None) -> None:
     """Inspect, diff, verify and clean a versioned catalog."""
     ctx.obj = {"root": DataRoot.open(root).path, "uri": catalog_uri}
 
@@ -42,7 +42,7 @@ def _open(ctx: click.Context) -> FactoryCatalog:
     return FactoryCatalog(ctx.obj["root"], ctx.obj["uri"], read_only=True)
 
 
-def _releases(root: Path) -> list[dict]:
+def _releases(root: RootPath) -> list[dict]:
     """Every release record under the root, oldest first; a damaged one as {"name", "damage"}."""
     infos = []
     for path in (root / "releases").glob(f"*/{RELEASE_FILE}"):
@@ -71,7 +71,7 @@ def log(ctx: click.Context) -> None:
     _print_releases(ctx.obj["root"])
 
 
-def _print_releases(root: Path) -> None:
+def _print_releases(root: RootPath) -> None:
     table = Table("release", "created (UTC)", "samples", "splits", "roles", "manifest sha256", title="releases")
     for info in _releases(root):
         if "damage" in info:
@@ -187,7 +187,8 @@ def gc(ctx: click.Context, grace_hours: float, delete: bool) -> None:
     that are gone. Refuses (exit 2) unless the catalog provably is this root's."""
     cat = _open(ctx)
     garbage = find_garbage(cat, grace_hours * 3600)
-    stale = scratch.stale_runs(cat.data_root / "scratch")
+    local_scratch = cat.data_root / "scratch" if is_local(cat.data_root) else None  # an object store has none
+    stale = scratch.stale_runs(local_scratch) if local_scratch else []
     table = Table("path", "age (h)", "MiB", "why", title="garbage" if garbage or stale else "no garbage")
     for g in garbage:
         table.add_row(g.pack_path, f"{g.age_s / 3600:.1f}", f"{g.size_bytes / 2**20:.1f}", g.reason)
@@ -195,7 +196,8 @@ def gc(ctx: click.Context, grace_hours: float, delete: bool) -> None:
         table.add_row(run.path.relative_to(cat.data_root).as_posix(), "", f"{run.size_bytes / 2**20:.1f}", f"stale scratch: {run.reason}")
     console.print(table)
     if delete and (garbage or stale):
-        freed = collect_garbage(cat, garbage) + sum(run.size_bytes for run in scratch.remove_stale_runs(cat.data_root / "scratch"))
+        removed = scratch.remove_stale_runs(local_scratch) if local_scratch else []
+        freed = collect_garbage(cat, garbage) + sum(run.size_bytes for run in removed)
         console.print(f"deleted {len(garbage)} packs and {len(stale)} scratch folders, {freed / 2**20:.1f} MiB")
     elif garbage or stale:
         console.print("dry run: pass --delete to remove them")

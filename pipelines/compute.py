@@ -19,6 +19,7 @@ from catalogs.commit import ArtifactRecord
 from catalogs.errors import DamagedPackError
 from catalogs.keys import ENV_MAP_KIND
 from catalogs.packs import PackedAsset, PackReader
+from catalogs.storage import RootPath
 from encoders.shaded_slat import input_view_frames, shaded_slat
 from encoders.voxelize import voxelize_mesh
 from infra.errors import AssetRejected, Reason, StepFailed
@@ -80,7 +81,7 @@ class Inputs:
     """The arrays of a call's inputs, read from their packs: every chunk checked, and for packs without chunk
     checksums the content digest. A damaged input fails the call with `damaged_input`."""
 
-    def __init__(self, data_root: Path, request: CallRequest) -> None:
+    def __init__(self, data_root: RootPath, request: CallRequest) -> None:
         self.data_root, self.request = data_root, request
 
     def arrays(self, step: str, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:

@@ -22,6 +22,7 @@ import torch
 
 from catalogs.commit import ArtifactRecord
 from catalogs.packs import write_pack
+from catalogs.storage import root_path
 from encoders.asset_encoder import AssetEncoder
 from encoders.slat_flow import SlatFlowModel, load_slat_flow
 from encoders.weights import WeightsInfo
@@ -39,7 +40,7 @@ class StepWorker:
     """What both actors share: run a call, write its packs, return records."""
 
     def __init__(self, data_root: str, keep_transient: bool) -> None:
-        self.data_root, self.keep_transient = Path(data_root), keep_transient
+        self.data_root, self.keep_transient = root_path(data_root), keep_transient
         self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else socket.gethostname()
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -101,7 +102,7 @@ class RenderActor(StepWorker):
         super().__init__(data_root, keep_renders)
         scratch.remove_stale_runs(Path(run_dir).parent)
         self.claim = scratch.claim(Path(run_dir))
-        self.run_dir, self.report_dir = Path(run_dir), Path(report_dir)
+        self.run_dir, self.report_dir = Path(run_dir), root_path(report_dir)
         self.supervisor = RenderSupervisor(worker)
 
     def render(self, request: CallRequest) -> tuple[RenderResult, RenderSet]:
@@ -119,7 +120,7 @@ class RenderActor(StepWorker):
         sheet = Path(result.out_dir) / "contact_sheets" / "beauty.png"
         if sheet.exists():
             (self.report_dir / "sheets").mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(sheet, self.report_dir / "sheets" / f"{out_dir.name}_{recipe.name}.png")
+            (self.report_dir / "sheets" / f"{out_dir.name}_{recipe.name}.png").write_bytes(sheet.read_bytes())
         try:
             return result, RenderSet.open(result.out_dir)
         except (OSError, ValueError) as err:

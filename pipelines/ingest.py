@@ -37,7 +37,7 @@ def find_sources(config: BuildConfig) -> tuple[pa.Table, list[SkippedSource]]:
     """
     source = config.source
     if source.kind == "demo":
-        folder = Path(source.path or config.data_root / "demo-assets")
+        folder = config.local_default(source.path, "demo-assets")
         if not (folder / MANIFEST_FILE).exists():
             generate_demo_assets(folder, seed=source.seed)
         rows, skipped = file_rows(folder, find_asset_files([folder]), origin=f"demo:seed={source.seed}")
@@ -49,7 +49,7 @@ def find_sources(config: BuildConfig) -> tuple[pa.Table, list[SkippedSource]]:
         files = [path for path in find_asset_files([folder]) if path in matched]
         rows, skipped = file_rows(folder, files, origin=f"local:{source.path}")
     else:
-        rows, skipped = objaverse_sources(source, Path(source.path or config.data_root / "objaverse"))
+        rows, skipped = objaverse_sources(source, config.local_default(source.path, "objaverse"))
     for entry in skipped:
         logger.warning(
             "source entry skipped entry=%s reason=%s: %s", entry.entry, entry.reason.value, entry.message

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from catalogs.storage import RootPath, root_path
 from pipelines.build import BuildRecord
 
 _STYLE = """body{font-family:sans-serif;margin:2em}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
@@ -14,9 +15,9 @@ th:first-child,td:first-child{text-align:left}table{border-collapse:collapse;mar
 figure{display:inline-block;margin:4px}pre{max-width:60em;white-space:pre-wrap;font-size:11px;text-align:left}"""
 
 
-def write_report(record: BuildRecord, data_root: Path) -> Path:
+def write_report(record: BuildRecord, data_root: str | RootPath) -> RootPath:
     """Write `<data_root>/reports/<run_id>/report.{json,html}`; returns the HTML path."""
-    folder = Path(data_root) / "reports" / record.run_id
+    folder = root_path(data_root) / "reports" / record.run_id
     folder.mkdir(parents=True, exist_ok=True)
     record.sheets = sorted(str(p.relative_to(folder)) for p in (folder / "sheets").glob("*.png"))
     (folder / "report.json").write_text(json.dumps(record.to_dict(), indent=1) + "\n")

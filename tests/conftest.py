@@ -2,6 +2,7 @@
 needs is made once per session here and shared."""
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -107,6 +108,38 @@ def postgres_server() -> Iterator[str]:
         subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"],
                        capture_output=True)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """A real S3 HTTP API on a loopback port (moto's server, in memory), with the standard AWS variables set
+    for this process and every process it starts (Ray workers, `near` subprocesses); yields the endpoint."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request in every failure report
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # it binds 0.0.0.0 unless told
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "near-test",
+                            "AWS_SECRET_ACCESS_KEY": "near-test", "AWS_REGION": "us-east-1"}.items():
+            env.setenv(name, value)
+        env.delenv("AWS_SESSION_TOKEN", raising=False)
+        try:
+            yield endpoint
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def s3_root(s3_server: str) -> str:
+    """A data root URL in a fresh bucket of the session's S3 server."""
+    import boto3
+
+    bucket = f"near-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/data"
 
 
 @pytest.fixture

@@ -19,8 +19,7 @@ console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)  # wh
               help="Stage 1 run folder (its newest checkpoint's EMA weights).")
 @click.option("--stage2", "stage2_run", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Stage 2 run folder (its newest checkpoint's EMA weights).")
-@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path),
-              help="Default: the Stage 2 run's data root.")
+@click.option("--data-root", help="A folder or a URL (default: the Stage 2 run's data root).")
 @click.option("--split", default="test", show_default=True, help="test, or train / val to compare.")
 @click.option("--tasks", default=None, help="Comma-separated subset of the four tasks (default: all).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
@@ -29,7 +28,7 @@ console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)  # wh
 @click.option("--workers", type=int, default=1, show_default=True, help="CPU evaluator actors on Ray (>1).")
 @click.option("--lpips-vgg", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="torchvision's vgg16 weights for LPIPS (default: the Stage 2 run's).")
-def eval_command(release: str, stage1_run: Path, stage2_run: Path, data_root: Path | None, split: str,
+def eval_command(release: str, stage1_run: Path, stage2_run: Path, data_root: str | None, split: str,
                  tasks: str | None, out: Path | None, gpus: int, workers: int, lpips_vgg: Path | None) -> None:
     """Evaluate Stage 1 and Stage 2 on the paper's four tasks with the decoder-input ablations: PSNR, SSIM
     and LPIPS on AgX images; writes metrics.json, metrics.csv and report.html."""
@@ -38,10 +37,10 @@ def eval_command(release: str, stage1_run: Path, stage2_run: Path, data_root: Pa
     from training.inference import RunCheckpoint
 
     stage2_meta = RunCheckpoint.latest(stage2_run).meta
-    root = data_root or Path(stage2_meta["config"]["data_root"])
+    root = data_root or stage2_meta["config"]["data_root"]
     out = out or stage2_run / "eval" / f"{release}-{split}"
     settings = EvalSettings(
-        data_root=str(root), release=release, stage1_run=str(stage1_run), stage2_run=str(stage2_run),
+        data_root=root, release=release, stage1_run=str(stage1_run), stage2_run=str(stage2_run),
         out_dir=str(out), split=split, tasks=tuple(tasks.split(",")) if tasks else TASKS,
         lpips_vgg=str(lpips_vgg) if lpips_vgg else None,
     )

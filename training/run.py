@@ -22,6 +22,7 @@ from infra.config import (
     ConfigFieldError,
     FrozenConfig,
     LocalPath,
+    Location,
     NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
@@ -152,7 +153,7 @@ class TrainingConfig(FrozenConfig):
     """What every stage's run needs: the pinned release, the run folder, the schedule and the Ray Train workers.
     A stage's config adds its own fields; YAML files may give paths relative to themselves."""
 
-    data_root: LocalPath = "near-demo/data"
+    data_root: Location = "near-demo/data"
     release: str = ""
     """One plain release name; empty until the command line's `--release` sets it."""
     release_sha256: str | None = None

@@ -24,9 +24,7 @@ def _stage_options(command: Callable[..., None]) -> Callable[..., None]:
     options = [
         click.option("--release", required=True, help="Release name (under <data_root>/releases)."),
         click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path)),
-        click.option(
-            "--data-root", type=click.Path(file_okay=False, path_type=Path), help="Overrides the config's."
-        ),
+        click.option("--data-root", help="A folder or a URL such as s3://bucket/prefix; overrides the config's."),
         click.option(
             "--out", type=click.Path(file_okay=False, path_type=Path), help="Run folder (checkpoints, logs)."
         ),
@@ -38,13 +36,13 @@ def _stage_options(command: Callable[..., None]) -> Callable[..., None]:
     return command
 
 
-def _train(stage: str, release: str, config_file: Path | None, data_root: Path | None, out: Path | None,
+def _train(stage: str, release: str, config_file: Path | None, data_root: str | None, out: Path | None,
            steps: int | None, gpus: int | None) -> None:  # fmt: skip
     from training.ray_train import config_class
 
     overrides: dict[str, Any] = {
         "release": release,
-        "data_root": str(data_root) if data_root else None,
+        "data_root": data_root,
         "out_dir": str(out) if out else None,
         "steps": steps,
     }

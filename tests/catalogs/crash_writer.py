@@ -1,4 +1,4 @@
-"""A build writer for the crash tests: `python -m tests.catalogs.crash_writer DATA_ROOT MODE`.
+"""A build writer for the crash tests: `python -m tests.catalogs.crash_writer DATA_ROOT MODE [CATALOG_URI]`.
 
 It executes the plan batch by batch and announces each protocol step on stdout ("writing", "packed",
 "committed") before doing the next, pausing at the point MODE names so the test can SIGKILL it there:
@@ -25,8 +25,8 @@ def _say(word: str) -> None:
     print(word, flush=True)
 
 
-def main(data_root: str, mode: str) -> None:
-    catalog = FactoryCatalog(data_root)
+def main(data_root: str, mode: str, catalog_uri: str | None = None) -> None:
+    catalog = FactoryCatalog(data_root, catalog_uri)
     work = plan(catalog, paper_graph())
     batch = 1 if mode == "run" else 4
     for step in dict.fromkeys(work.todo["step"].to_pylist()):

@@ -21,9 +21,11 @@ from .conftest import execute, paper_graph, synthetic_sources
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _start_writer(data_root: Path, mode: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tests.catalogs.crash_writer", str(data_root), mode], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _start_writer(data_root: Path | str, mode: str, catalog_uri: str | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.catalogs.crash_writer", str(data_root), mode, *filter(None, [catalog_uri])],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
 
 
 def _kill_after(writer: subprocess.Popen, word: str, delay_s: float = 0.0) -> None:
@@ -37,8 +39,8 @@ def _kill_after(writer: subprocess.Popen, word: str, delay_s: float = 0.0) -> No
     writer.wait(timeout=30)
 
 
-def _assert_consistent_and_recoverable(data_root: Path) -> int:
-    catalog = FactoryCatalog(data_root)  # a new process's view: opens, scans
+def _assert_consistent_and_recoverable(data_root: Path | str, catalog_uri: str | None = None) -> int:
+    catalog = FactoryCatalog(data_root, catalog_uri)  # a new process's view: opens, scans
     assert list(verify_catalog(catalog, deep=True)) == [], "a committed row names a missing or changed pack"
     execute(catalog, plan(catalog, paper_graph()), "rerun")
     assert plan(catalog, paper_graph()).todo.num_rows == 0, "the rerun completes the work"
@@ -51,12 +53,16 @@ def _assert_consistent_and_recoverable(data_root: Path) -> int:
     return len(garbage)
 
 
-@pytest.fixture
-def data_root(tmp_path) -> Path:
-    catalog = FactoryCatalog(tmp_path / "data")
+def _registered(data_root: Path | str, catalog_uri: str | None = None) -> FactoryCatalog:
+    catalog = FactoryCatalog(data_root, catalog_uri)
     catalog.register_specs(paper_graph().specs)
     catalog.register_sources(synthetic_sources(8))
-    return catalog.data_root
+    return catalog
+
+
+@pytest.fixture
+def data_root(tmp_path) -> Path:
+    return _registered(tmp_path / "data").data_root
 
 
 @pytest.mark.parametrize("mode, word, delay_s, debris", [
@@ -78,3 +84,14 @@ def test_sigkill_at_random_moments_of_a_busy_writer(data_root):
         catalog = FactoryCatalog(data_root)
         assert list(verify_catalog(catalog, deep=True)) == []
     _assert_consistent_and_recoverable(data_root)
+
+
+@pytest.mark.parametrize("mode, word, delay_s", [("after_pack", "packed", 0.0), ("during_pack", "writing", 0.5)])
+def test_sigkill_on_an_object_store_root(s3_root, tmp_path, mode, word, delay_s):
+    """S3 has no rename: a pack is written in place, so a killed writer leaves a partial pack at its final path.
+    No committed row names it, so no read ever sees it, and gc collects it."""
+    catalog_uri = f"sqlite:///{tmp_path / 'catalog.db'}"
+    packs = _registered(s3_root, catalog_uri).data_root / "packs"
+    _kill_after(_start_writer(s3_root, mode, catalog_uri), word, delay_s)
+    assert len(list(packs.glob("*/*/*"))) == 1, "the kill should leave the one pack it was writing or had written"
+    assert _assert_consistent_and_recoverable(s3_root, catalog_uri) == 1

@@ -231,7 +231,7 @@ def test_valid_configs_load_with_paths_made_absolute_beside_the_file(tmp_path: P
         release={"name": "lh-v1", "min_voxels": 64, "max_voxels": 64, "val_percent": 0},
         execution={"render_timeout_s": 30, "commit_interval_s": "1e1", "scratch_dir": "scratch"},
     )()
-    assert build.data_root == tmp_path / "data"
+    assert build.data_root == str(tmp_path / "data")
     assert (build.source.path, build.source.ids_file) == (str(tmp_path / "assets"), str(tmp_path / "ids.txt"))
     assert build.source.file_types == ("glb",)
     assert (build.recipes["lh"].samples, build.recipes["lh"].num_views) == (4, 150)  # over lh's defaults
