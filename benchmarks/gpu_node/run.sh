@@ -8,6 +8,7 @@
 #   build    a whole build of ../shared/assets (copied into .gpu-node/assets before pack.sh) at paper sizes
 #   collect  wait for a build a previous call started, then verify it
 #   check    which of the packages the factory needs the image has
+#   smoke    the container image's smoke test (infra/container/smoke.sh) on this GPU with the image's library set
 #   bash benchmarks/gpu_node/run.sh stage2 encode
 set -euo pipefail
 out=${OUT:-$PWD/gpu-node-out}
@@ -49,6 +50,8 @@ for step in "$@"; do
       collect_build ;;
     collect)
       collect_build ;;
+    smoke)
+      bash infra/container/smoke.sh 2>&1 | tee "$out/smoke.txt" ;;
     check)
       python3 -c "import torch, numpy; print('torch', torch.__version__, 'numpy', numpy.__version__)"
       for module in ray pyarrow pandas gsplat zarr pyiceberg transformers OpenEXR; do

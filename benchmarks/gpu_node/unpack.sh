@@ -79,8 +79,13 @@ LD_LIBRARY_PATH=$store/xlibs/usr/lib/x86_64-linux-gnu\${LD_LIBRARY_PATH:+:\$LD_L
 PY
   chmod +x "$store/render-python"
 fi
+mkdir -p "$store/bin"  # `near` and its interpreter, as the main env's bin/ has them (infra/container/smoke.sh)
+ln -sf "$(command -v python3)" "$store/bin/python"
+printf '#!/bin/sh\nexec %s -m pipelines.cli "$@"\n' "$store/bin/python" > "$store/bin/near"
+chmod +x "$store/bin/near"
 driver=/usr/local/nvidia/share  # the NVIDIA driver's vendor files, where the device image mounts them
 cat > "$store/env.sh" <<ENV
+export PATH=$store/bin:\$PATH
 export NEAR_RENDER_PYTHON=$store/render-python
 export VK_DRIVER_FILES=$driver/vulkan/icd.d/nvidia_icd.json
 export __EGL_VENDOR_LIBRARY_FILENAMES=$driver/glvnd/egl_vendor.d/10_nvidia.json
