@@ -87,9 +87,10 @@ def tree_stats(path: RootPath) -> tuple[float, int]:
     times, so there a folder's age is its newest file's."""
     newest, size = path.stat().st_mtime if is_local(path) else 0.0, 0
     fs = filesystem(path)
-    for info in fs.find(fs_path(path), detail=True).values():
+    for info in fs.find(fs_path(path), detail=True).values():  # one listing, no request per file
         size += int(info.get("size") or 0)
-        newest = max(newest, fs.modified(info["name"]).timestamp())
+        modified = info.get("mtime") or info.get("LastModified")  # local / S3 listings name it differently
+        newest = max(newest, modified.timestamp() if hasattr(modified, "timestamp") else float(modified or 0.0))
     return newest, size
 
 
