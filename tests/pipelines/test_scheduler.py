@@ -184,7 +184,8 @@ class _Checker:
         return STORED if step in self.stored.get(asset, ()) else None
 
     def _failed_input(self, asset: str, step: str) -> str | None:
-        """An input of `step` that failed (before this build, in it, or whose transient output is gone)."""
+        """An input of `step` that failed (before this build, in it, or whose transient output is gone or can no
+        longer be made, because an input of its own failed: the same rule, one level up)."""
         node = self.topology.steps[step]
         for name in node.inputs:
             if name not in self.work[asset] and name not in self.stored.get(asset, ()):
@@ -193,7 +194,9 @@ class _Checker:
             if outcome is not None and not outcome.ok:
                 return name
             source = (asset, self.topology.steps[name].call)
-            if name in node.transient_inputs and source in self.transient_gone and source not in self.latest:
+            if name in node.transient_inputs and source not in self.latest and (
+                source in self.transient_gone or self._failed_input(asset, name) is not None
+            ):
                 return name
         return None
 
