@@ -23,7 +23,7 @@ collect_build() {  # waits up to 9 minutes for the build, then verifies its data
   [ -f /tmp/paper/build.rc ] || { echo "build: still running"; return 0; }
   report=$(python3 -c "import json; print(json.load(open('/tmp/paper/build_h100.json'))['report'])")
   cp /tmp/paper/build_h100.json "$report" "$out/"
-  tar -C "$(dirname "$report")" -czf "$out/build_report_sheets.tgz" sheets
+  tar -C "$(dirname "$report")" -czf "$out/build_report.tgz" .  # the page, its JSON and its contact sheets
   python3 -m pipelines.cli catalog --root /tmp/paper/data verify --deep 2>&1 | tail -20 | tee "$out/verify.txt"
   python3 -m pipelines.cli catalog --root /tmp/paper/data verify paper-h100 2>&1 | tail -5 | tee -a "$out/verify.txt"
 }
