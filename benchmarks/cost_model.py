@@ -2,15 +2,16 @@
 page that shows that build: utilization over time, compute per step, failures, the release.
 
     python benchmarks/cost_model.py benchmarks/results/build_h100.json --assets 87000 \
-        --out benchmarks/results/cost_model_h100.json --page docs/build_h100/index.html
+        --out benchmarks/results/cost_model_h100.json \
+        --page docs/build_h100/index.html --verify docs/build_h100/verify.txt
 
 Renders and encoders share the GPU: EEVEE draws on the graphics units while the encoders compute on the SMs,
 so a build's GPU time is not the sum of its steps. While the render children keep the GPU busy (utilization
 at its ceiling through the middle of the build), the renders set the pace: a step's GPU-seconds per asset are
-its render-child seconds divided by the children sharing the GPU. The encoder actor's seconds per asset are
-reported beside them; they fit inside the render time when they are shorter. Start-up (Ray, models, shader
-compilation) and the tail (the last assets on fewer children than slots) are paid once per build and are
-reported, not scaled.
+its render-child seconds divided by the children sharing the GPU. The encoder actors' seconds per asset (their
+calls' seconds divided by the actors) are reported beside them; they fit inside the render time when shorter.
+Start-up (Ray, models, shader compilation) and the tail (the last assets on fewer children than slots) are
+paid once per build and are reported, not scaled.
 """
 
 import argparse
@@ -35,7 +36,7 @@ def cost_model(build: dict, assets: int) -> dict:
     ok = build["release"]["num_samples"]
     children = build["execution"]["render_slots"]
     steps = build["steps"]
-    render = {s: steps[s]["compute_s"] / children / ok for s in RENDER_STEPS if s in steps}
+    render = {s: steps[s]["compute_s"] / children / ok for s in RENDER_STEPS if s in steps}  # GPU-s: children share it
     encoder = {s: steps[s]["compute_s"] / build["execution"]["encoders_per_node"] / ok
                for s in ENCODER_STEPS if s in steps}
     gpu = build["utilization"]["gpu_series"]
@@ -77,6 +78,8 @@ def page(build: dict, model: dict, verify: str) -> str:
     failures = "".join(f"<tr><td>{html.escape(r)}</td><td>{html.escape(', '.join(sorted(a)))}</td></tr>"
                        for r, a in sorted(reasons.items()))
     release, once = build["release"], model["once_per_build_s"]
+    encoders = build["execution"]["encoders_per_node"]
+    encoder_actors = "one encoder actor" if encoders == 1 else f"{encoders} encoder actors"
     splits = ", ".join(f"{k} {v}" for k, v in release["splits"].items())
     ticks = "".join(f'<text x="{t / duration * width:.0f}" y="{height + 16}" font-size="11">{t:.0f} s</text>'
                     for t in range(0, int(duration) + 1, 60))
@@ -85,7 +88,7 @@ def page(build: dict, model: dict, verify: str) -> str:
 td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}}pre{{background:#f4f4f4;padding:8px}}</style>
 </head><body><h1>Whole build at paper sizes on one {html.escape(str(model['build']['gpu']))}</h1>
 <p>{model['build']['assets_ok']} assets built ({len({f['asset_id'] for f in build['failures']})} refused with a reason),
-{build['wall_s']:.0f} s wall, {model['build']['render_children']} render children (Vulkan) and one encoder actor sharing
+{build['wall_s']:.0f} s wall, {model['build']['render_children']} render children (Vulkan) and {encoder_actors} sharing
 the GPU. Render-bound: <b>{model['gpu_s_per_asset']:.1f} GPU-seconds per asset</b>
 ({model['dataset']['gpu_hours']:.0f} GPU-hours for {model['dataset']['assets']:,} assets); end to end, start-up and
 tail included, {model['end_to_end_s_per_asset']:.1f} s per asset. Once per build: {once['start_up']:.0f} s of start-up
@@ -98,12 +101,12 @@ tail included, {model['end_to_end_s_per_asset']:.1f} s per asset. Once per build
 <p><span style="color:#2a7">GPU utilization</span> and <span style="color:#c60">share of the 16 cores busy</span>,
 sampled every second. GPU mean {utilization['gpu_busy']:.2f}; {utilization['gpu_busy_between_first_and_last']:.2f} between
 the first and last busy second; CPU mean {utilization['cpu_busy']:.2f}.</p>
-<h2>Steps</h2><p>Seconds of the actor calls (render children and the encoder actor run concurrently), and per built
+<h2>Steps</h2><p>Seconds of the actor calls (render children and encoder actors run concurrently), and per built
 asset.</p><table><tr><th>step</th><th>ok</th><th>failed</th><th>compute s</th><th>per asset</th></tr>{rows}</table>
 <h2>Refused assets</h2><table><tr><th>reason</th><th>assets</th></tr>{failures}</table>
 <h2>Release <code>{html.escape(release['name'])}</code></h2><p>{release['num_samples']} samples, {release['num_rows']} rows;
 splits: {html.escape(splits)}; held-out maps: {html.escape(', '.join(release['held_out_env_maps']))}.</p>
-<pre>{html.escape(verify)}</pre></body></html>
+{f"<pre>{html.escape(verify)}</pre>" if verify else ""}</body></html>
 """
 
 

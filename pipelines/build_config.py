@@ -148,8 +148,10 @@ class ExecutionConfig(FrozenConfig):
     """GPU share of each encoder actor; 0 runs them on CPU."""
     encoders_per_node: PositiveInt = 1
     """Encoder actors per node that renders `lh` sets. Measured on one H100 at paper sizes (`docs/benchmarks.md`):
-    its 12 render children take 12.5 s per asset and one encoder actor 11.8 s (8 of them sampling Z_s), so one
-    actor per GPU only just keeps up: give each GPU two."""
+    beside 12 render children (12.5 GPU-s per asset) one actor needs 11.8 s per asset (8 of them sampling Z_s),
+    only just keeping up, and works a backlog off alone at the end (a 99 s tail on 25 assets). Two per GPU cut
+    the tail to 27 s and the build from 451 to 407 s, the renders running 8 % slower beside them: two suit
+    builds of hundreds of assets per GPU; in a long steady build one may be cheaper, if it keeps up."""
     max_in_flight: PositiveInt = 8
     """Assets between render and commit at any time."""
     commit_every: PositiveInt = 64

@@ -17,15 +17,41 @@ bash benchmarks/gpu_node/unpack.sh
 # shellcheck disable=SC1091
 source /tmp/near-gpu-node/env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-collect_build() {  # waits up to 9 minutes for the build, then verifies its data root and keeps its report
-  for _ in $(seq 540); do [ -f /tmp/paper/build.rc ] && break; sleep 1; done
+collect_build() {  # waits for the build while the call has time, then verifies its data root and keeps its report
+  # A call may run 600 s; the unpacking before and the verifies after (about 2 minutes) share them.
+  while [ ! -f /tmp/paper/build.rc ] && [ "$SECONDS" -lt 440 ]; do sleep 1; done
   tail -5 /tmp/paper/build.log; cp /tmp/paper/build.log "$out/build.log"
-  [ -f /tmp/paper/build.rc ] || { echo "build: still running"; return 0; }
+  [ -f /tmp/paper/build.rc ] || { echo "build: still running; call again with 'collect'"; return 0; }
   report=$(python3 -c "import json; print(json.load(open('/tmp/paper/build_h100.json'))['report'])")
-  cp /tmp/paper/build_h100.json "$report" "$out/"
-  tar -C "$(dirname "$report")" -czf "$out/build_report.tgz" .  # the page, its JSON and its contact sheets
+  cp /tmp/paper/build_h100.json "$out/"
+  # The report folder in one file under the 16 MiB a returned file may have: the page, its JSON and its contact
+  # sheets at most 640 px wide (the page shows them at 320).
+  python3 - "$(dirname "$report")" "$out/build_report.tar" <<'PY'
+import io, sys, tarfile
+from pathlib import Path
+from PIL import Image
+folder, out = Path(sys.argv[1]), sys.argv[2]
+with tarfile.open(out, "w") as tar:
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file():
+            continue
+        name = str(path.relative_to(folder))
+        if path.suffix != ".png":
+            tar.add(path, arcname=name)
+            continue
+        image = Image.open(path)
+        scale = min(1.0, 640 / image.width)
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
+        data = io.BytesIO()
+        image.save(data, "PNG", optimize=True)
+        info = tarfile.TarInfo(name)
+        info.size = data.tell()
+        data.seek(0)
+        tar.addfile(info, data)
+PY
   python3 -m pipelines.cli catalog --root /tmp/paper/data verify --deep 2>&1 | tail -20 | tee "$out/verify.txt"
   python3 -m pipelines.cli catalog --root /tmp/paper/data verify paper-h100 2>&1 | tail -5 | tee -a "$out/verify.txt"
+  du -sh /tmp/paper/data | tee -a "$out/verify.txt"
 }
 for step in "$@"; do
   echo "== $step $(date +%T)"

@@ -80,7 +80,9 @@ PY
   chmod +x "$store/render-python"
 fi
 mkdir -p "$store/bin"  # `near` and its interpreter, as the main env's bin/ has them (infra/container/smoke.sh)
-ln -sf "$(command -v python3)" "$store/bin/python"
+# a wrapper, not a link: a venv's interpreter finds its pyvenv.cfg (its site-packages) beside the path it was run by
+printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" > "$store/bin/python"
+chmod +x "$store/bin/python"
 printf '#!/bin/sh\nexec %s -m pipelines.cli "$@"\n' "$store/bin/python" > "$store/bin/near"
 chmod +x "$store/bin/near"
 driver=/usr/local/nvidia/share  # the NVIDIA driver's vendor files, where the device image mounts them
