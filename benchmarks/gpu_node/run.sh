@@ -7,7 +7,7 @@
 #   samples  the lh samples study (images, features and latents against 64 samples)
 #   build    a whole build of ../shared/assets (copied into .gpu-node/assets before pack.sh) at paper sizes
 #   collect  wait for a build a previous call started, then verify it
-#   check    which of the packages the factory needs the image has
+#   check    which of the packages the factory needs the image has, and whether every project module imports
 #   smoke    the container image's smoke test (infra/container/smoke.sh) on this GPU with the image's library set
 #   bash benchmarks/gpu_node/run.sh stage2 encode
 set -euo pipefail
@@ -82,7 +82,19 @@ for step in "$@"; do
       python3 -c "import torch, numpy; print('torch', torch.__version__, 'numpy', numpy.__version__)"
       for module in ray pyarrow pandas gsplat zarr pyiceberg transformers OpenEXR; do
         python3 -c "import $module; print('$module', getattr($module, '__version__', '?'))" 2>&1 | tail -1 || true
-      done ;;
+      done
+      python3 - <<'PY'  # every module of the main env's packages: a dependency the parts lack shows here, not mid-build
+import importlib, pkgutil
+failed = []
+for package in ("catalogs", "encoders", "infra", "pipelines", "training"):
+    for module in pkgutil.walk_packages(importlib.import_module(package).__path__, f"{package}."):
+        try:
+            importlib.import_module(module.name)
+        except Exception as err:  # reported, all of them
+            failed.append(f"{module.name}: {type(err).__name__}: {err}")
+print("project modules: all import" if not failed else "project modules that do not import:\n  " + "\n  ".join(failed))
+PY
+      ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
