@@ -114,9 +114,10 @@ def render_html(report: dict[str, Any]) -> str:
         or "<p>nothing rendered in this run</p>"
     )
     release = report["release"]
+    failed = f"{len(failed_assets)} of them failed, each with a reason" if failed_assets else "none failed"
     summary = (
         f"{report['seconds']:.1f} s in all · {len(report['asset_seconds'])} sources computed on "
-        f"(assets and env maps), {len(failed_assets)} of them failed, each with a reason · "
+        f"(assets and env maps), {failed} · "
         + (f"release <b>{html.escape(release['name'])}</b>: {release['num_samples']} samples, "
            f"{release['num_rows']} rows" if release else "no release")
     )

@@ -48,6 +48,8 @@ def test_assets_show_their_outcome_and_numbers_align_right(tmp_path: Path) -> No
     assert _row(page, "render_lh") == ["render_lh", "3", "0", "2", "1", "9.4"]
     assert '<td class="n">9.4</td>' in page and '<td>import_error (render_lh)</td>' in page
     assert "3 sources computed on (assets and env maps), 1 of them failed" in page
+    assert "none failed" in render_html({**json.loads((tmp_path / "reports" / "run-7" / "report.json").read_text()),
+                                         "failures": []})
 
 
 def test_failures_keep_their_log_folded_and_outside_text_escaped(tmp_path: Path) -> None:
