@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from catalogs.storage import RootPath, root_path
+from infra.errors import Reason
 from pipelines.build import BuildRecord
 
 _STYLE = """body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:1em}
@@ -62,7 +63,7 @@ def render_html(report: dict[str, Any]) -> str:
     step_order = {step: i for i, step in enumerate(report["planned"])}
     for failure in sorted(report["failures"], key=lambda f: step_order.get(f["step"], len(step_order))):
         by_reason[failure["reason"]].append(failure)
-        if failure["reason"] != "upstream_failed":
+        if failure["reason"] != Reason.UPSTREAM_FAILED:
             first_failure.setdefault(failure["asset_id"], failure)
     reasons = _table(
         ["reason", "artifacts", "steps", "assets", "example"],
@@ -137,4 +138,4 @@ def _outcome(failure: dict[str, Any] | None, failed: bool) -> str:
     upstream failures follow from it)."""
     if failure is not None:
         return f"{html.escape(failure['reason'])} ({html.escape(failure['step'])})"
-    return "upstream_failed" if failed else "ok"
+    return Reason.UPSTREAM_FAILED.value if failed else "ok"
